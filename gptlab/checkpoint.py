@@ -1,0 +1,227 @@
+"""Checkpoints: a directory with config.json, model.safetensors and the tokenizer; atomic writes.
+
+No pickle is ever read on the model load path: weights come from safetensors (or, for Hugging Face
+`pytorch_model.bin`, `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gptlab.config import ModelConfig
+from gptlab.model import GPT
+
+if TYPE_CHECKING:
+    from gptlab.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
+
+    A crash inside the block leaves any previous `path` untouched and only a `.tmp-*` folder behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file and rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ---- save ---------------------------------------------------------------------------------------
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous, unshared CPU tensors, as safetensors requires."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def write_model_files(
+    model: GPT, directory: Path, tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None
+) -> None:
+    """Write config.json, model.safetensors (and tokenizer/) into an existing directory."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    config = {"format": "gptlab", "model": model.config.to_dict(), **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(state_dict_for_save(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER_DIR)
+
+
+def save_model(
+    model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Save a loadable checkpoint directory atomically; returns its path."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tmp, tokenizer, extra)
+    return out_dir
+
+
+# ---- locate -------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, run directory, or a file inside one."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist; pass a gptlab run or checkpoint directory, or a Hugging Face GPT-2 directory"
+        )
+    if (path / CONFIG_FILE).is_file():
+        return path
+    steps = list_checkpoints(path)
+    if steps:
+        return steps[-1]
+    raise FileNotFoundError(
+        f"{path} holds no {CONFIG_FILE} and no {CHECKPOINTS_DIR}/step_* checkpoint; pass a gptlab run or "
+        "checkpoint directory, or a Hugging Face GPT-2 directory (config.json + model.safetensors)"
+    )
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_FILE
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); the checkpoint is corrupted") from None
+
+
+def _is_hub_name(path: str) -> bool:
+    return not Path(path).exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> GPT:
+    """Load a gptlab checkpoint / run directory, a Hugging Face GPT-2 directory, or a hub name."""
+    if isinstance(path, str) and _is_hub_name(path):
+        from gptlab.interop.hf import download
+
+        path = download(path)
+    directory = resolve_checkpoint(path)
+    config = read_config(directory)
+    if config.get("format") == "gptlab":
+        model = _load_gptlab(directory, config)
+    else:
+        from gptlab.interop.hf import load_hf_model
+
+        model = load_hf_model(directory)
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()
+
+
+def _load_gptlab(directory: Path, config: dict[str, Any]) -> GPT:
+    mc = ModelConfig.from_dict(config["model"])
+    with torch.device("meta"):
+        model = GPT(mc)
+    state = read_safetensors(directory / WEIGHTS_FILE)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not match its config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, naming the file when it is missing, truncated or corrupted."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file {file} does not exist")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{file} is truncated or corrupted and cannot be read ({e})") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved with a checkpoint or run (tokenizer/ inside it, or the directory itself)."""
+    from gptlab.tokenizer import Tokenizer
+
+    path = Path(path)
+    candidates = [path / TOKENIZER_DIR, path]
+    with contextlib.suppress(FileNotFoundError):
+        ckpt = resolve_checkpoint(path)
+        candidates = [ckpt / TOKENIZER_DIR, ckpt, *candidates]
+    for c in candidates:
+        if c.is_dir() and any((c / f).is_file() for f in Tokenizer.KNOWN_FILES):
+            return Tokenizer.from_pretrained(c)
+    raise FileNotFoundError(
+        f"no tokenizer found in {path} (looked in {', '.join(str(c) for c in candidates)}); "
+        "pass --tokenizer DIR with encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json"
+    )

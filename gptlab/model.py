@@ -1,0 +1,286 @@
+"""The GPT-2 / GPT-3 decoder-only Transformer.
+
+Parameter names follow GPT-2's own (`wte`, `wpe`, `h`, `ln_1`, `c_attn`, `c_proj`, `ln_f`), so a
+released checkpoint maps onto this module by renaming nothing and transposing the `Conv1D` weights.
+The model knows nothing of files, ranks or devices beyond the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptlab.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for a whole generation run.
+
+    Layout (n_layer, B, nh, max_len, hs). Slots are filled left to right; `valid[b, s]` is False for
+    slots that hold padding (left-padded prompts), so no query attends to them.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # slots filled so far
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` of the batch (beam search, or dropping finished sequences)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.valid = self.valid.index_select(0, index)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def banded_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention where each query sees only itself and the `window - 1` keys before it.
+
+    Costs O(T * window) instead of O(T^2): the sequence is cut into blocks of `window` queries, and
+    each block attends to its own block and the one before (2 * window keys), the band enforced by a
+    mask inside that pair. q, k, v: (B, nh, T, hs).
+    """
+    B, nh, T, hs = q.shape
+    w = window
+    nb = -(-T // w)
+    pad = nb * w - T
+    if pad:  # tail padding: padded keys come after every real query, so the causal mask hides them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q = q.reshape(B * nh, nb, w, hs)
+    k = k.reshape(B * nh, nb, w, hs)
+    v = v.reshape(B * nh, nb, w, hs)
+    k2 = torch.cat([F.pad(k, (0, 0, 0, 0, 1, 0))[:, :-1], k], dim=2)  # (B*nh, nb, 2w, hs): previous + own
+    v2 = torch.cat([F.pad(v, (0, 0, 0, 0, 1, 0))[:, :-1], v], dim=2)
+    i = torch.arange(w, device=q.device)[:, None]
+    j = torch.arange(2 * w, device=q.device)[None, :]
+    band = (j > i) & (j <= i + w)  # key j of the pair is `i + w - j` positions before query i
+    mask = band.expand(nb, w, 2 * w).clone()
+    mask[0, :, :w] = False  # block 0 has no previous block
+    y = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask, dropout_p=dropout_p)
+    return y.reshape(B, nh, nb * w, hs)[:, :, :T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer = layer
+        self.local = config.is_local(layer)
+        self.window = config.local_window
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer, :, :, start:end] = k
+            cache.v[self.layer, :, :, start:end] = v
+            if mask is None:  # plain prefill from an empty cache: same as no cache
+                y = self._attend(q, k, v, dropout_p)
+            else:
+                lo = max(0, start - self.window + 1) if self.local else 0  # keys outside the band: skip
+                keys = cache.k[self.layer, :, :, lo:end]
+                values = cache.v[self.layer, :, :, lo:end]
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[..., lo:end])
+        else:
+            y = self._attend(q, k, v, dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+        if self.local and q.shape[2] > self.window:
+            return banded_causal_attention(q, k, v, self.window, dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2, section 2.3)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_ctx, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+            )
+        )
+        # Tied embeddings use wte.weight directly in `logits`; no second module holds it, so meta-device
+        # construction, `to_empty` and FSDP sharding can never silently untie it.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                nn.init.ones_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) and, given targets, the mean loss.
+
+        Targets equal to -1 are ignored. With a `cache`, `idx` continues the cached sequence;
+        `positions` (B, T) overrides the position ids (left-padded batches).
+        """
+        x = self.features(idx, cache=cache, positions=positions)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.logits(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Project final hidden states (…, C) onto the vocabulary."""
+        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)
+
+    def features(
+        self, idx: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """Final hidden states after ln_f, (B, T, C): what the LM head and task heads read."""
+        self._check_input(idx, cache, positions)
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        masks = self._cache_masks(cache, T) if cache is not None else (None, None)
+        for block in self.transformer.h:
+            x = block(x, cache, masks[block.attn.local])
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def _cache_masks(self, cache: KVCache, T: int) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean (B, 1, T, end) masks over cache slots for dense and local layers, or None where
+        plain causal attention over the new tokens is exact (an empty cache with no padding)."""
+        start, end = cache.length, cache.length + T
+        if start == 0 and bool(cache.valid[:, :end].all()):
+            return None, None
+        device = cache.valid.device
+        q = torch.arange(start, end, device=device)[:, None]
+        s = torch.arange(end, device=device)[None, :]
+        causal = s <= q
+        valid = cache.valid[:, None, None, :end]  # (B, 1, 1, end)
+        own = (s == q)[None, None]  # a padding query attends to itself: no all-masked rows (NaN)
+        dense = (causal[None, None] & valid) | own
+        local = (causal & (q - s < self.config.local_window))[None, None] & valid | own
+        return dense, local
+
+    def _check_input(self, idx: Tensor, cache: KVCache | None, positions: Tensor | None) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input ids must be an integer tensor, got {idx.dtype}")
+        T = idx.shape[1]
+        end = T + (cache.length if cache is not None else 0)
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; this step needs {end}")
+        if positions is None and end > self.config.n_ctx:
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the context of {self.config.n_ctx}; "
+                "truncate the input or use a model with a longer context"
+            )
+        if torch.compiler.is_compiling() or idx.numel() == 0:
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
+        if positions is not None and positions.numel() and int(positions.max()) >= self.config.n_ctx:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds the context of {self.config.n_ctx}"
+            )
+
+    # ---- sizing --------------------------------------------------------------------------------
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            if self.lm_head is not None:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> GPT:
+        """Load a gptlab checkpoint / run directory or a Hugging Face GPT-2 (directory or hub name)."""
+        from gptlab.checkpoint import load_model
+
+        return load_model(path, **kwargs)

@@ -1,0 +1,1 @@
+"""Sizing, run reports and comparison tables / plots."""
