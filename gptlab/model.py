@@ -59,8 +59,8 @@ def banded_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropou
     """Causal attention where each query sees only itself and the `window - 1` keys before it.
 
     Costs O(T * window) instead of O(T^2): the sequence is cut into blocks of `window` queries, and
-    each block attends to its own block and the one before (2 * window keys), the band enforced by a
-    mask inside that pair. q, k, v: (B, nh, T, hs).
+    each block attends to its own block and the one before (2 * window keys), the band enforced by an
+    additive mask inside that pair. q, k, v: (B, nh, T, hs).
     """
     B, nh, T, hs = q.shape
     w = window
@@ -73,13 +73,23 @@ def banded_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropou
     v = v.reshape(B * nh, nb, w, hs)
     k2 = torch.cat([F.pad(k, (0, 0, 0, 0, 1, 0))[:, :-1], k], dim=2)  # (B*nh, nb, 2w, hs): previous + own
     v2 = torch.cat([F.pad(v, (0, 0, 0, 0, 1, 0))[:, :-1], v], dim=2)
-    i = torch.arange(w, device=q.device)[:, None]
-    j = torch.arange(2 * w, device=q.device)[None, :]
-    band = (j > i) & (j <= i + w)  # key j of the pair is `i + w - j` positions before query i
-    mask = band.expand(nb, w, 2 * w).clone()
-    mask[0, :, :w] = False  # block 0 has no previous block
-    y = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask, dropout_p=dropout_p)
+    att = torch.matmul(q, k2.transpose(-1, -2)) * (1.0 / math.sqrt(hs))  # (B*nh, nb, w, 2w)
+    att = (att + _band_bias(nb, w, att.device, att.dtype)).softmax(dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, dropout_p)
+    y = torch.matmul(att, v2)  # (B*nh, nb, w, hs)
     return y.reshape(B, nh, nb * w, hs)[:, :, :T]
+
+
+def _band_bias(nb: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(nb, w, 2w) additive mask: 0 where key j of a block pair lies in query i's band, else -inf."""
+    i = torch.arange(w, device=device)[:, None]
+    j = torch.arange(2 * w, device=device)[None, :]
+    band = (j > i) & (j <= i + w)  # key j of the pair is `i + w - j` positions before query i
+    bias = torch.zeros(nb, w, 2 * w, device=device, dtype=dtype)
+    bias.masked_fill_(~band, float("-inf"))
+    bias[0, :, :w] = float("-inf")  # block 0 has no previous block
+    return bias
 
 
 class CausalSelfAttention(nn.Module):
