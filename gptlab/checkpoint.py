@@ -136,11 +136,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(
             f"{path} does not exist; pass a gptlab run or checkpoint directory, or a Hugging Face GPT-2 directory"
         )
-    if (path / CONFIG_FILE).is_file():
-        return path
+    # A run directory's own config.json is its train config: its newest checkpoint comes first.
     steps = list_checkpoints(path)
     if steps:
         return steps[-1]
+    if (path / CONFIG_FILE).is_file():
+        return path
     raise FileNotFoundError(
         f"{path} holds no {CONFIG_FILE} and no {CHECKPOINTS_DIR}/step_* checkpoint; pass a gptlab run or "
         "checkpoint directory, or a Hugging Face GPT-2 directory (config.json + model.safetensors)"
