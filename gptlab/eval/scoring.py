@@ -1,0 +1,178 @@
+"""Log-likelihood scoring shared by perplexity, few-shot tasks and the lm-eval adapter.
+
+One primitive, `score_tokens`: the log-probability of the last n tokens of each sequence given the
+tokens before them. Sequences are sorted by length and batched with right padding: attention is
+causal, so padding placed after a sequence's last token cannot change its logits. Only the scored
+positions are projected onto the vocabulary, so a batch never holds (B, T, vocab) logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gptlab.model import GPT
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    @property
+    def eot_id(self) -> int: ...
+
+
+@torch.no_grad()
+def score_tokens(
+    model: GPT,
+    sequences: Sequence[Sequence[int]],
+    n_scored: Sequence[int],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[tuple[Tensor, Tensor]]:
+    """For each sequence s and count n: (log P(s[i] | s[:i]) for the last n positions i, float32 (n,);
+    whether each of those tokens is the argmax prediction, bool (n,))."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_ctx = model.config.n_ctx
+    for i, (seq, n) in enumerate(zip(sequences, n_scored, strict=True)):
+        if not 1 <= n <= len(seq) - 1:
+            raise ValueError(f"request {i}: cannot score {n} of {len(seq)} tokens (the first has no context)")
+        if len(seq) - 1 > n_ctx:
+            raise ValueError(f"request {i}: {len(seq) - 1} input tokens exceed the context of {n_ctx}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    try:
+        return _score_batches(model, sequences, n_scored, batch_size, progress, desc, device)
+    finally:
+        model.train(was_training)
+
+
+def _score_batches(
+    model: GPT,
+    sequences: Sequence[Sequence[int]],
+    n_scored: Sequence[int],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+    device: torch.device,
+) -> list[tuple[Tensor, Tensor]]:
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first: OOM early
+    results: list[tuple[Tensor, Tensor] | None] = [None] * len(sequences)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        T = len(sequences[batch[0]]) - 1
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for b, i in enumerate(batch):
+            seq = sequences[i]
+            x[b, : len(seq) - 1] = torch.tensor(seq[:-1], dtype=torch.long)
+            start = len(seq) - 1 - n_scored[i]  # logits at position p predict token p + 1
+            rows += [b] * n_scored[i]
+            cols += range(start, len(seq) - 1)
+            targets += seq[len(seq) - n_scored[i] :]
+        hidden = model.features(x.to(device))  # (B, T, C)
+        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        logits = model.logits(hidden[index]).float()  # (N, vocab): scored positions only
+        target = torch.tensor(targets, device=device)
+        token_lp = (logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)).cpu()
+        greedy = (logits.argmax(-1) == target).cpu()
+        offset = 0
+        for i in batch:
+            n = n_scored[i]
+            results[i] = (token_lp[offset : offset + n], greedy[offset : offset + n])
+            offset += n
+    return results  # type: ignore[return-value]
+
+
+def encode_pair(tokenizer: TextTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) as lm-evaluation-harness makes them.
+
+    Trailing whitespace of the context moves to the continuation (so " Paris" keeps its leading space
+    and tokenizes as in running text); the continuation's ids are those of context + continuation
+    after the context's own ids. An empty context becomes the end-of-text token.
+    """
+    if not continuation:
+        raise ValueError(f"empty continuation for context {context[-40:]!r}; nothing to score")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+def score_pairs(
+    model: GPT,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "log-likelihood",
+) -> list[tuple[float, bool]]:
+    """(sum of log P(continuation | context), whether greedy decoding yields the continuation) per pair
+    of token-id lists. Contexts longer than the model's window lose their oldest tokens (lm-eval's rule);
+    a continuation that alone does not fit raises."""
+    n_ctx = model.config.n_ctx
+    sequences, counts = [], []
+    for context, continuation in pairs:
+        if not continuation:
+            raise ValueError("empty continuation; nothing to score")
+        if not context:
+            raise ValueError("empty context: condition on the end-of-text token instead (see encode_pair)")
+        if len(continuation) > n_ctx:
+            raise ValueError(f"continuation of {len(continuation)} tokens exceeds the context of {n_ctx}")
+        sequences.append([*context, *continuation][-(n_ctx + 1) :])
+        counts.append(len(continuation))
+    scored = score_tokens(model, sequences, counts, batch_size=batch_size, progress=progress, desc=desc)
+    return [(float(lp.double().sum()), bool(greedy.all())) for lp, greedy in scored]
+
+
+def loglikelihood(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """lm-eval's `loglikelihood` on text: (log P(continuation | context), is_greedy) per request."""
+    pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
+    return score_pairs(model, pairs, batch_size=batch_size, progress=progress)
+
+
+def greedy_until(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    prompts: Sequence[str],
+    stop: Sequence[Sequence[str]],
+    max_tokens: Sequence[int],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completion of each prompt (its own stop strings and token limit), cut before the first
+    stop string; end-of-text also stops. Prompts too long for the window lose their oldest tokens.
+
+    Prompts sharing stop strings and limit run as one left-padded batch through `gptlab.generate`.
+    """
+    from gptlab.generate import generate
+    from gptlab.sampling import SamplingParams
+
+    groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+    for i, (s, m) in enumerate(zip(stop, max_tokens, strict=True)):
+        groups.setdefault((tuple(s), int(m)), []).append(i)
+    out: list[str] = [""] * len(prompts)
+    chunks = [
+        (key, idx[j : j + batch_size]) for key, idx in groups.items() for j in range(0, len(idx), batch_size)
+    ]
+    for (s, m), idx in tqdm(chunks, desc="generating", unit="batch", disable=not progress):
+        params = SamplingParams(max_new_tokens=m, temperature=0.0, stop=list(s))
+        completions = generate(model, tokenizer, [prompts[i] for i in idx], params)
+        for i, c in zip(idx, completions, strict=True):
+            out[i] = c.text
+    return out
