@@ -41,14 +41,18 @@ def main() -> None:
     torch.manual_seed(0)
     w = args.window
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, window {w}, "
-          f"{args.heads} heads x {args.head_size}, batch 1, fp32, forward only")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, window {w}, "
+        f"{args.heads} heads x {args.head_size}, batch 1, fp32, forward only"
+    )
     with torch.inference_mode():
         for T in (int(t) for t in args.lengths.split(",")):
             q, k, v = torch.randn(3, 1, args.heads, T, args.head_size).unbind(0)
             i, j = torch.arange(T)[:, None], torch.arange(T)[None]
             band_mask = (j <= i) & (i - j < w)
-            dense = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats)
+            dense = median_seconds(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats
+            )
             masked = median_seconds(
                 lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask), args.repeats
             )

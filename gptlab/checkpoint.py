@@ -62,6 +62,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -75,6 +76,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:
@@ -161,9 +168,7 @@ def _is_hub_name(path: str) -> bool:
 
 
 # ---- load ---------------------------------------------------------------------------------------
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> GPT:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
     """Load a gptlab checkpoint / run directory, a Hugging Face GPT-2 directory, or a hub name."""
     if isinstance(path, str) and _is_hub_name(path):
         from gptlab.interop.hf import download

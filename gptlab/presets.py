@@ -51,15 +51,22 @@ _TINY = {
     "nano": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=256, vocab_size=4096),  # ~1.3M
     "micro": dict(n_layer=6, n_head=6, n_embd=384, n_ctx=256, vocab_size=8192),  # ~14M
     "nano-gpt3": dict(
-        n_layer=4, n_head=4, n_embd=128, n_ctx=256, vocab_size=4096, attn_pattern="alternating",
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        n_ctx=256,
+        vocab_size=4096,
+        attn_pattern="alternating",
         local_window=64,
     ),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     **{k: dict(v, n_ctx=1024, vocab_size=50257) for k, v in _GPT2.items()},
-    **{k: dict(v, n_ctx=2048, vocab_size=50257, attn_pattern="alternating", local_window=256)
-       for k, v in _GPT3.items()},
+    **{
+        k: dict(v, n_ctx=2048, vocab_size=50257, attn_pattern="alternating", local_window=256)
+        for k, v in _GPT3.items()
+    },
     **_TINY,
 }
 

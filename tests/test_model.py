@@ -45,7 +45,11 @@ def test_gpt3_counts_within_two_percent_of_paper(name):
 
 def test_gpt3_table_shapes():
     # Brown et al. 2020, Table 2.1 (13B uses 5120 = 40 x 128, the paper's 5140 is not divisible by 40).
-    assert (preset("gpt3-175b").n_layer, preset("gpt3-175b").n_embd, preset("gpt3-175b").n_head) == (96, 12288, 96)
+    assert (preset("gpt3-175b").n_layer, preset("gpt3-175b").n_embd, preset("gpt3-175b").n_head) == (
+        96,
+        12288,
+        96,
+    )
     assert preset("gpt3-13b").n_embd == 5120 and preset("gpt3-13b").head_size == 128
     assert preset("gpt3-2.7b").head_size == 80
 
@@ -173,7 +177,9 @@ def test_local_layer_does_not_attend_beyond_its_band():
     h = torch.randn(1, 40, cfg.n_embd)
     out = layer(h)
     changed = h.clone()
-    changed[0, 5] = torch.randn(cfg.n_embd)  # position 5 is outside the band of position 5 + 8 = 13 and beyond
+    changed[0, 5] = torch.randn(
+        cfg.n_embd
+    )  # position 5 is outside the band of position 5 + 8 = 13 and beyond
     out2 = layer(changed)
     diff = (out2 - out).abs().amax(-1)[0]
     assert diff[5:13].min() > 1e-3  # inside the band the change is seen

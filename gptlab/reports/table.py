@@ -14,7 +14,9 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.3g}{unit}"
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, markdown: bool = False) -> str:
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, markdown: bool = False
+) -> str:
     """Align `rows` (dicts) under `columns`; numbers right-aligned."""
     if not rows:
         return ""
@@ -28,7 +30,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
         return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts).rstrip()
 
     sep = (
-        "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric))
+        + "|"
         if markdown
         else "  ".join("-" * w for w in widths)
     )
