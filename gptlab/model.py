@@ -218,8 +218,9 @@ class GPT(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """Project final hidden states (…, C) onto the vocabulary."""
-        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        if self.lm_head is not None:  # called as a module so gptlab.quantize can swap in an int8 head
+            return self.lm_head(x)
+        return F.linear(x, self.transformer.wte.weight)
 
     def features(
         self, idx: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None

@@ -1,0 +1,369 @@
+"""Decoding speed on CPU: gptlab vs Hugging Face transformers vs CTranslate2 on the same weights.
+
+GPT-2 124M with random weights (speed does not depend on their values), saved once in Hugging Face
+format; gptlab loads that directory, transformers loads it, and CTranslate2 converts it in a temp dir.
+Workloads: a 32-token prompt then 128 greedy tokens at batch 1 and batch 8, and time to first
+token after a 1023-token prompt (the "1024 prefill"). Every configuration runs once untimed, then
+`--runs` times interleaved with the others (so a noisy neighbour hits all alike); we report medians.
+
+Batch-1 decoding reads every weight once per token, so it cannot beat bandwidth / weight bytes per
+token; the table gives each engine's fraction of that bound, the bandwidth measured here with a large
+memory copy (bytes read + written per second).
+
+    python benchmarks/decode.py                      # everything, all cores, 3 runs
+    python benchmarks/decode.py --threads 1 --runs 5 --engines gptlab transformers
+    python benchmarks/decode.py --quick              # 1 run, 32 new tokens: check that it works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRECISIONS = ("fp32", "bf16", "int8")
+ENGINES = ("gptlab", "transformers", "ctranslate2")
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def measure_bandwidth(mb: int = 512, repeats: int = 7) -> float:
+    """GB/s of a large copy, counting the bytes read and the bytes written."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(config, precision: str) -> int:
+    """Bytes of matmul weights read to decode one token: every block's linear layers and the output
+    projection; embeddings contribute one row each, negligible."""
+    matmul_params = config.n_params(embeddings=False) + config.vocab_size * config.n_embd
+    return matmul_params * BYTES[precision]
+
+
+# ---- engines: each returns {workload: callable} ---------------------------------------------------
+def gptlab_engine(hf_dir: Path, precision: str, compile: bool) -> dict[str, Callable[[], int]]:
+    from gptlab.checkpoint import load_model
+    from gptlab.decoder import Decoder
+    from gptlab.generate import generate_ids
+    from gptlab.quantize import pack_half, quantize_int8
+
+    # What `gptlab generate --dtype bfloat16 / --quantize int8` does (gptlab.generate.load_for_generation).
+    model = load_model(hf_dir, dtype=torch.bfloat16 if precision == "bf16" else None)
+    if precision == "int8":
+        quantize_int8(model)
+    elif precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pack_half(model)
+
+    def decode(prompts: list[list[int]], new: int) -> Callable[[], int]:
+        def run() -> int:
+            out = generate_ids(model, prompts, max_new_tokens=new, temperature=0, compile=compile)
+            assert all(len(o) == new for o in out)
+            return len(prompts) * new
+
+        return run
+
+    def prefill(prompt: list[int]) -> Callable[[], int]:
+        def run() -> int:
+            Decoder(model, 1, len(prompt) + 1).prefill([prompt])
+            return len(prompt)
+
+        return run
+
+    return dict(decode=decode, prefill=prefill)
+
+
+def transformers_engine(hf_dir: Path, precision: str) -> dict[str, Callable[[], int]] | None:
+    if precision == "int8":
+        return None  # transformers has no int8 CPU path for GPT-2's Conv1D layers
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    model.eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+
+    def decode(prompts: list[list[int]], new: int) -> Callable[[], int]:
+        ids = torch.tensor(prompts)
+
+        def run() -> int:
+            with torch.inference_mode():
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            assert out.shape[1] == ids.shape[1] + new
+            return len(prompts) * new
+
+        return run
+
+    def prefill(prompt: list[int]) -> Callable[[], int]:
+        ids = torch.tensor([prompt])
+
+        def run() -> int:
+            with torch.inference_mode():
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=1,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            return len(prompt)
+
+        return run
+
+    return dict(decode=decode, prefill=prefill)
+
+
+def ctranslate2_engine(hf_dir: Path, precision: str, work: Path, threads: int) -> dict | None:
+    try:
+        import ctranslate2
+    except ImportError:
+        return None
+    compute = {"fp32": "float32", "int8": "int8"}.get(precision)
+    if compute is None or compute not in ctranslate2.get_supported_compute_types("cpu"):
+        return None
+    out = work / f"ct2-{precision}"
+    if not out.exists():
+        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out), quantization=compute)
+    generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
+    vocab = json.loads((out / "vocabulary.json").read_text())
+
+    def decode(prompts: list[list[int]], new: int) -> Callable[[], int]:
+        tokens = [[vocab[i] for i in p] for p in prompts]
+
+        def run() -> int:
+            res = generator.generate_batch(
+                tokens, max_length=new, min_length=new, sampling_topk=1, include_prompt_in_result=False
+            )
+            assert all(len(r.sequences_ids[0]) == new for r in res)
+            return len(prompts) * new
+
+        return run
+
+    def prefill(prompt: list[int]) -> Callable[[], int]:
+        tokens = [[vocab[i] for i in prompt]]
+
+        def run() -> int:
+            generator.generate_batch(tokens, max_length=1, sampling_topk=1, include_prompt_in_result=False)
+            return len(prompt)
+
+        return run
+
+    return dict(decode=decode, prefill=prefill)
+
+
+# ---- quality: perplexity at each precision ---------------------------------------------------------
+def quality(checkpoint: Path, data: Path | None, max_tokens: int = 8192) -> list[dict]:
+    """Perplexity of the checkpoint at each precision on held-out tokens, and top-1 agreement with
+    float32. `data`: a UTF-8 text file (encoded with the checkpoint's tokenizer) or a gptlab .bin
+    token shard; default: the repository's docs."""
+    import numpy as np
+
+    from gptlab.checkpoint import load_model, load_tokenizer
+    from gptlab.quantize import pack_half, quantize_int8
+
+    config = load_model(checkpoint).config
+    if data is not None and data.suffix == ".bin":
+        ids = np.fromfile(data, dtype=np.uint16).astype(np.int64).tolist()
+    else:
+        root = Path(__file__).resolve().parents[1]
+        files = (
+            [data]
+            if data is not None
+            else [f for f in (root / "README.md", root.parent / "shared/DESIGN.md") if f.is_file()]
+        )
+        ids = load_tokenizer(checkpoint).encode("\n\n".join(f.read_text() for f in files))
+    T = config.n_ctx
+    windows = torch.tensor(ids[: T * min(max(max_tokens // T, 1), len(ids) // T)]).view(-1, T)
+    if len(windows) == 0:
+        raise ValueError(f"need at least {T} tokens of held-out data, got {len(ids)}")
+    rows, ref_top = [], None
+    for precision in ("fp32", "bf16", "int8", "int8-weight-only"):
+        model = load_model(checkpoint, dtype=torch.bfloat16 if precision == "bf16" else None)
+        if precision == "int8":
+            quantize_int8(model)
+        elif precision == "int8-weight-only":
+            quantize_int8(model, mode="weight")
+        elif precision == "bf16":
+            pack_half(model)
+        nll, top = [], []
+        with torch.inference_mode():
+            for w in windows:
+                logits, loss = model(w[None, :-1], w[None, 1:])
+                nll.append(loss.item())
+                top.append(logits.argmax(-1))
+        top = torch.cat(top)
+        ref_top = top if ref_top is None else ref_top
+        agree = (top == ref_top).float().mean().item()
+        rows.append(dict(precision=precision, perplexity=float(np.exp(np.mean(nll))), top1_agreement=agree))
+    base = rows[0]["perplexity"]
+    lines = [
+        f"Quality on {windows.numel()} held-out tokens ({checkpoint}):",
+        "",
+        "| precision | perplexity | change vs fp32 | top-1 agreement with fp32 |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['precision']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+            f"{100 * r['top1_agreement']:.2f}% |"
+        )
+    print("\n".join(lines))
+    return rows
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def make_weights(directory: Path, n_layer: int = 12) -> None:
+    """A random GPT-2 124M in Hugging Face format, plus GPT-2's tokenizer files when available (the
+    CTranslate2 converter wants a vocabulary)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=n_layer)).save_pretrained(directory, safe_serialization=True)
+    bpe = Path(__file__).resolve().parents[2] / "shared/fixtures/gpt2-bpe"
+    if (bpe / "encoder.json").is_file():
+        (directory / "vocab.json").write_bytes((bpe / "encoder.json").read_bytes())
+        (directory / "merges.txt").write_bytes((bpe / "vocab.bpe").read_bytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every engine")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median reported)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8, help="the larger batch size")
+    p.add_argument("--prefill", type=int, default=1024, help="prefill length (0 to skip)")
+    p.add_argument("--compile", action="store_true", help="also time gptlab with torch.compile'd decoding")
+    p.add_argument("--quick", action="store_true", help="1 run, 32 new tokens, 256 prefill")
+    p.add_argument("--layers", type=int, default=12, help="fewer blocks for a smoke test (GPT-2 124M: 12)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quality", action="store_true", help="also: perplexity at each precision")
+    p.add_argument("--quality-only", action="store_true", help="only the perplexity comparison")
+    p.add_argument("--quality-checkpoint", default=None, help="trained checkpoint (default: the random weights)")
+    p.add_argument("--quality-data", default=None, help="held-out text file or .bin token shard")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.new_tokens, args.prefill = 1, 32, 256
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not (args.quality_only and args.quality_checkpoint):
+            make_weights(work / "hf", args.layers)
+        if not args.quality_only:
+            speed(work, args)
+        if args.quality or args.quality_only:
+            checkpoint = Path(args.quality_checkpoint) if args.quality_checkpoint else work / "hf"
+            print()
+            quality(checkpoint, Path(args.quality_data) if args.quality_data else None)
+    return 0
+
+
+def speed(work: Path, args: argparse.Namespace) -> list[dict]:
+    """Time every engine x precision x workload; print the markdown table."""
+    from gptlab.checkpoint import load_model
+
+    bandwidth = measure_bandwidth()
+    print(f"threads {args.threads}, memory bandwidth {bandwidth:.1f} GB/s (copy: read + write)", file=sys.stderr)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 50000, (args.batch, args.prompt_tokens), generator=gen).tolist()
+    long_prompt = torch.randint(0, 50000, (max(args.prefill - 1, 1),), generator=gen).tolist()
+    hf_dir = work / "hf"
+    config = load_model(hf_dir).config
+    variants = []  # (engine label, precision, workloads)
+    for precision in args.precisions:
+        for engine in args.engines:
+            if engine == "gptlab":
+                variants.append(("gptlab", precision, gptlab_engine(hf_dir, precision, False)))
+                if args.compile:
+                    variants.append(("gptlab+compile", precision, gptlab_engine(hf_dir, precision, True)))
+            elif engine == "transformers":
+                variants.append(("transformers", precision, transformers_engine(hf_dir, precision)))
+            else:
+                ct2 = ctranslate2_engine(hf_dir, precision, work, args.threads)
+                variants.append(("ctranslate2", precision, ct2))
+    variants = [v for v in variants if v[2] is not None]
+
+    jobs = []  # (label, precision, workload name, callable)
+    for label, precision, w in variants:
+        jobs.append((label, precision, "b1", w["decode"](prompts[:1], args.new_tokens)))
+        jobs.append((label, precision, f"b{args.batch}", w["decode"](prompts, args.new_tokens)))
+        if args.prefill:
+            jobs.append((label, precision, "prefill", w["prefill"](long_prompt)))
+    rates: dict[tuple[str, str, str], list[float]] = {}
+    for r in range(args.runs + 1):  # run 0 warms up (and compiles)
+        for label, precision, name, fn in jobs:
+            t = time.perf_counter()
+            tokens = fn()
+            rate = tokens / (time.perf_counter() - t)
+            if r:
+                rates.setdefault((label, precision, name), []).append(rate)
+            print(f"run {r} {label:15s} {precision} {name:8s} {rate:8.1f} tok/s", file=sys.stderr, flush=True)
+
+    results = []
+    for label, precision, _ in variants:
+        med = {n: statistics.median(v) for (e, p, n), v in rates.items() if (e, p) == (label, precision)}
+        bound = bandwidth * 1e9 / weight_bytes_per_token(config, precision)
+        results.append(dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=med["b1"] / bound))
+    print(markdown(results, args.batch, bandwidth, args))
+    if args.json:
+        summary = dict(bandwidth_gbs=bandwidth, threads=args.threads, results=results)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return results
+
+
+def markdown(results: list[dict], batch: int, bandwidth: float, args: argparse.Namespace) -> str:
+    ref = {r["precision"]: r for r in results if r["engine"] == "transformers"}
+    ref_fp32 = ref.get("fp32")
+    bn = f"b{batch}"
+    lines = [
+        f"GPT-2 124M ({args.layers} layers), {args.prompt_tokens}-token prompt + {args.new_tokens} greedy "
+        "tokens; prefill = "
+        f"{args.prefill - 1}-token prompt to first token; {args.threads} threads; "
+        f"median of {args.runs} runs; bandwidth {bandwidth:.1f} GB/s.",
+        "",
+        f"| engine | precision | b1 tok/s | {bn} tok/s | prefill tok/s "
+        f"| b1 % of bandwidth bound (bound tok/s) | b1 / {bn} vs transformers |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        base = ref.get(r["precision"]) or ref_fp32
+        if base is not None and r["engine"] != "transformers":
+            tag = "" if base["precision"] == r["precision"] else f" (vs {base['precision']})"
+            vs = f"{r['b1'] / base['b1']:.2f}x / {r[bn] / base[bn]:.2f}x{tag}"
+        else:
+            vs = "-"
+        prefill = f"{r['prefill']:.0f}" if "prefill" in r else "-"
+        lines.append(
+            f"| {r['engine']} | {r['precision']} | {r['b1']:.1f} | {r[bn]:.1f} | {prefill} | "
+            f"{100 * r['frac_b1']:.0f}% ({r['bound_b1']:.0f}) | {vs} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

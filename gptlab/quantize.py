@@ -1,0 +1,152 @@
+"""Int8 and half-precision linear layers for fast CPU inference, applied to a model from outside.
+
+Weights are quantised symmetrically per output channel (scale = max|w| / 127). Two kernels:
+- "dynamic" (default): fbgemm's dynamic int8 GEMM; each call quantises its input to 8 bits per
+  tensor, multiplies in int8 with int32 accumulation, and rescales. Fastest on x86 CPUs without
+  AVX-512 (see benchmarks/decode.py).
+- "weight": weight-only; int8 weights are dequantised inside the matmul and activations stay in
+  float (`torch._weight_int8pack_mm`). Closer to float, fast where that kernel is (AVX-512, compiled).
+Quantisation is applied from outside the model, in place, to every `nn.Linear` of the blocks and to
+the output projection (the tied embedding matrix, copied into an int8 head); token and position
+embeddings stay in float since decoding reads one row of them per token.
+
+`pack_half` is how a bfloat16 model runs on CPUs without native bf16 matmuls (AVX2): each weight is
+stored in fbgemm's packed float16 format and multiplied with float32 activations. Every bf16 value of
+magnitude >= 2**-14 is exactly a float16 value (fp16 has more mantissa bits, and smaller ones round
+by < 3e-8), so the weights are the bf16 weights, read at 2 bytes each; only the activations are kept
+in float32 instead of being rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptlab.model import GPT
+
+MODES = ("dynamic", "weight")
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 (N, K), float32 scales (N,)) with weight ≈ int8 * scale[:, None]."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # all-zero rows: any positive scale is exact
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """A drop-in `nn.Linear` replacement holding an int8 weight (see the module docstring for modes)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, mode: str = "dynamic") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"int8 mode must be one of {list(MODES)}, got {mode!r}")
+        self.mode = mode
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_weight(weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed = self._pack() if mode == "dynamic" else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "dynamic") -> Int8Linear:
+        return cls(linear.weight, linear.bias, mode)
+
+    def _pack(self) -> torch.ScriptObject:
+        with warnings.catch_warnings():  # the quantised-tensor API warns that it is being retired
+            warnings.simplefilter("ignore")
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.scale.double(), zero, 0)
+            return torch.ops.quantized.linear_prepack(qweight, self.bias)
+
+    def dequantized(self) -> Tensor:
+        return self.weight_int8.float() * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if self._packed is not None:
+            # reduce_range: 7-bit activations, so AVX2's pairwise u8*s8 products cannot saturate int16.
+            y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, True)
+            return y.to(dtype)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        act = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        y = torch._weight_int8pack_mm(x2.to(act), self.weight_int8, self.scale.to(act))
+        if self.bias is not None:
+            y = y + self.bias.to(act)
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class HalfLinear(nn.Module):
+    """A drop-in `nn.Linear` replacement with float16 weights packed for fbgemm; float32 activations."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().float()
+        if w.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"weights up to {w.abs().max():.3g} overflow float16; use float32 or int8")
+        with warnings.catch_warnings():  # fbgemm's fp16 entry points warn that they are being retired
+            warnings.simplefilter("ignore")
+            self._packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
+        # The kernel warns on every call too; it stays the fastest half-precision CPU GEMM in torch
+        # 2.13 (~25% ahead of quantized.linear_dynamic_fp16), so silence just that message.
+        warnings.filterwarnings("ignore", message="fbgemm_linear_fp16_weight_fp32_activation is deprecated")
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> HalfLinear:
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.fbgemm_linear_fp16_weight(x.float(), self._packed, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16 (fbgemm)"
+
+
+def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
+    """Float matmul with the dequantised weight: what the int8 kernels approximate (tests)."""
+    return F.linear(x.float(), layer.dequantized(), layer.bias)
+
+
+def _swap_linears(model: GPT, make: Callable[[Tensor, Tensor | None], nn.Module], head: bool) -> None:
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("int8 / packed half-precision layers run on CPU; load the model with device='cpu'")
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, make(child.weight, child.bias))
+    if head:
+        weight = model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head = make(weight, None)
+
+
+@torch.no_grad()
+def pack_half(model: GPT) -> GPT:
+    """Run a (bfloat16) model through fbgemm's half-precision GEMM: linear layers and the output head
+    become `HalfLinear`, everything else float32. In place; returns the model. Inference only."""
+    _swap_linears(model, HalfLinear, head=True)
+    model.float()
+    model.quantized = "half"
+    return model.eval()
+
+
+@torch.no_grad()
+def quantize_int8(model: GPT, mode: str = "dynamic", head: bool = True) -> GPT:
+    """Replace the model's linear layers (and, with head=True, its output projection) by `Int8Linear`,
+    in place; returns the model. For inference only: the result cannot be trained or saved."""
+    if mode not in MODES:
+        raise ValueError(f"--quantize int8 mode must be one of {list(MODES)}, got {mode!r}")
+    _swap_linears(model, lambda w, b: Int8Linear(w, b, mode), head)
+    model.quantized = mode  # marks the model for reports; GPT.logits calls lm_head as a module
+    return model.eval()

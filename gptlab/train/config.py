@@ -1,0 +1,221 @@
+"""`TrainConfig`: what `gptlab train` reads from a TOML / YAML file plus `--section.field VALUE` overrides.
+
+The resolved config (the model section with every field filled in from its preset) is written to the
+run directory as config.json, so `gptlab train --config RUN_DIR/config.json` reproduces a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptlab.config import ModelConfig, apply_overrides, flatten, from_dict, load_config_file
+
+DTYPES = ("auto", "float32", "bfloat16")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class ModelSection:
+    """A preset plus field overrides; None means 'the preset's value'."""
+
+    preset: str | None = "nano"
+    """Preset name (see `gptlab configs`), or None to give every field."""
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_ctx: int | None = None
+    vocab_size: int | None = None
+    """None: the vocabulary size of the dataset's tokenizer (a larger value pads the embedding)."""
+    n_inner: int | None = None
+    attn_pattern: str | None = None
+    local_window: int | None = None
+    dropout: float | None = None
+    layer_norm_eps: float | None = None
+    tie_embeddings: bool | None = None
+
+    def resolve(self) -> ModelConfig:
+        given = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+        if self.preset is None:
+            return ModelConfig(**given)
+        from gptlab.presets import preset
+
+        return preset(self.preset, **given)
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ModelSection:
+        """Every field filled in: a config that no longer depends on the preset table."""
+        d = config.to_dict()
+        name = d.pop("name")
+        return cls(preset=name if _is_preset(name) else None, **d)
+
+
+def _is_preset(name: str) -> bool:
+    from gptlab.presets import PRESETS
+
+    return name in PRESETS
+
+
+@dataclass
+class DataSection:
+    dataset: str = "data/stdlib/dataset"
+    """Directory written by `gptlab prepare` (manifest.json + token shards)."""
+    tokenizer: str | None = None
+    """Tokenizer directory, copied into the run and every checkpoint (for `gptlab generate RUN_DIR`)."""
+    seq_len: int | None = None
+    """Training sequence length; None: the model's context n_ctx."""
+    seed: int = 0
+    """Seed of the epoch shuffles."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW with GPT-3's settings (Brown et al. 2020, appendix B)."""
+
+    lr: float = 6e-4
+    """Peak learning rate (GPT-3 Small: 6e-4)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak (GPT-3: 10%)."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to the peak over this many steps."""
+    decay_steps: int | None = None
+    """Steps from the start to the end of the cosine decay; None: train.max_steps."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to matrices only: not biases, LayerNorm gains or embeddings."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    fused: bool | None = None
+    """Fused AdamW kernel; None: on where supported (CPU and CUDA, unsharded or FSDP)."""
+
+
+@dataclass
+class TrainSection:
+    run_dir: str | None = None
+    """Output directory; None: runs/<preset>-<timestamp>."""
+    batch_size: int = 32
+    """Global batch in sequences (summed over ranks and accumulation steps)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass on one rank; the rest is gradient accumulation. None: no accumulation."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    time_limit: float | None = None
+    """Stop (with a checkpoint) after this many minutes of training."""
+    batch_ramp_tokens: int = 0
+    """Ramp the batch size linearly over this many tokens (GPT-3: 4-12B); 0 disables."""
+    batch_ramp_start: int = 1
+    """Batch size in sequences at the start of the ramp."""
+    dtype: str = "auto"
+    """'float32', 'bfloat16' (autocast; weights and optimizer stay fp32) or 'auto': bf16 where the device
+    computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    compile: bool = False
+    """torch.compile the model."""
+    fused_loss: bool = True
+    """Language-model loss computed a block of tokens at a time from the hidden states, never holding
+    the (tokens, vocab) logits (gptlab.train.losses); false: the model's own F.cross_entropy."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+    strategy: str = "ddp"
+    """Under torchrun: 'ddp' (replicate) or 'fsdp' (shard parameters, gradients, optimizer: FSDP2)."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu', 'cuda'; each rank takes cuda:LOCAL_RANK."""
+    seed: int = 1337
+    """Seeds initialisation and dropout (rank r uses seed + r for dropout)."""
+    eval_interval: int = 100
+    """Validation every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 20
+    """Validation batches per evaluation."""
+    log_interval: int = 10
+    """Write a metrics row every this many steps."""
+    checkpoint_interval: int = 500
+    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 3
+    """Keep the newest K checkpoints; 0 keeps all."""
+    patience: int = 0
+    """Stop early once `early_stopping_metric` has not improved for this many evaluations; 0 disables."""
+    early_stopping_metric: str = "val_loss"
+    """Validation metric for `patience` and a task's `on_best`: 'val_loss' or one the task's `validate`
+    reports (e.g. 'val_accuracy'); lower is better for names ending in 'loss', higher otherwise."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None: a table for known GPUs, a measured matmul peak on CPU."""
+    tensorboard: bool = True
+    """Also log to RUN_DIR/tensorboard when tensorboard is installed."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    threads: int | None = None
+    """CPU threads per process (torch.set_num_threads); None: torch's default."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        t, o = self.train, self.optim
+        if t.dtype not in DTYPES:
+            raise ValueError(f"train.dtype must be one of {list(DTYPES)}, got {t.dtype!r}")
+        if t.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}, got {t.strategy!r}")
+        for name in ("batch_size", "max_steps", "eval_batches", "log_interval", "batch_ramp_start"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        for name in ("eval_interval", "checkpoint_interval", "keep_checkpoints", "batch_ramp_tokens"):
+            if getattr(t, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.micro_batch_size is not None and t.micro_batch_size < 1:
+            raise ValueError(f"train.micro_batch_size must be >= 1 or None, got {t.micro_batch_size}")
+        if t.patience < 0:
+            raise ValueError(f"train.patience must be >= 0, got {t.patience}")
+        if t.max_nonfinite_steps < 1:
+            raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+        if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0:
+            raise ValueError(
+                f"need optim.lr > 0, 0 <= optim.min_lr_ratio <= 1, optim.warmup_steps >= 0; got "
+                f"{o.lr}, {o.min_lr_ratio}, {o.warmup_steps}"
+            )
+        if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1) or o.grad_clip < 0 or o.weight_decay < 0:
+            raise ValueError(
+                f"need 0 <= optim.beta1, beta2 < 1 and optim.grad_clip, weight_decay >= 0; got "
+                f"{o.beta1}, {o.beta2}, {o.grad_clip}, {o.weight_decay}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = {k: v for k, v in d.items() if k != "format"}
+        return from_dict(cls, d)
+
+    def save(self, path: str | Path) -> None:
+        from gptlab.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"format": "gptlab-train", **self.to_dict()}, indent=2) + "\n")
+
+
+def load_train_config(
+    file: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> TrainConfig:
+    """Defaults, then the file (TOML / YAML / JSON, nested tables or dotted keys), then overrides."""
+    from gptlab.config import parse_dotted_args
+
+    cfg = TrainConfig()
+    if file is not None:
+        data = load_config_file(file)
+        data.pop("format", None)  # written into config.json by `TrainConfig.save`
+        cfg = apply_overrides(cfg, flatten(data))
+    if isinstance(overrides, list):
+        overrides = parse_dotted_args(overrides)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg

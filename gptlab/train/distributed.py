@@ -1,0 +1,203 @@
+"""Process group, device, and the wrappers applied to the model from outside (DDP, FSDP2, activation
+checkpointing, compile); full state dicts for checkpoints.
+
+Launch: `torchrun --nproc_per_node N -m gptlab train ...` on one machine. Several machines: run on each
+`torchrun --nnodes M --nproc_per_node N --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500
+-m gptlab train ...` with the same HOST (node 0's address) everywhere; the run directory must be on
+storage every node sees (rank 0 writes, every rank reads on resume). Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device is {name!r} but CUDA is not available; use train.device=cpu")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name != "cpu":
+        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world_size <= 1:
+        return Dist(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    here = False
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        here = True
+    return Dist(rank, world_size, local_rank, dev, here)
+
+
+def shutdown(d: Dist) -> None:
+    if d.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def broadcast_object(d: Dist, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ---- wrappers applied from outside the model ---------------------------------------------------
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every Transformer block in the backward pass.
+
+    Each block's `forward` is replaced on the instance, so parameter names (and checkpoints) are
+    unchanged. Only training passes recompute; generation with a KV cache runs the plain forward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in _blocks(model):
+        plain = block.forward
+
+        @functools.wraps(plain)
+        def forward(x, cache=None, mask=None, _plain=plain):
+            if cache is None and torch.is_grad_enabled():
+                return checkpoint(_plain, x, None, mask, use_reentrant=False)
+            return _plain(x, cache, mask)
+
+        block.forward = forward
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    h = getattr(getattr(model, "transformer", None), "h", None)
+    if h is None:
+        raise ValueError(f"{type(model).__name__} has no transformer.h blocks to wrap")
+    return list(h)
+
+
+def wrap_model(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
+    """DDP or FSDP2 (`fully_shard` on every block, then the root) over `model`; alone: unchanged."""
+    if not d.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        return DDP(model, device_ids=device_ids)
+    raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The GPT inside DDP / torch.compile wrappers (FSDP2 shards in place: the module itself)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if enabled:
+        yield
+        return
+    if hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+# ---- full state dicts (every rank calls; rank 0 gets the tensors) ------------------------------
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, d: Dist
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Unsharded CPU model and optimizer state dicts keyed by parameter name (no wrapper prefixes).
+    A collective under FSDP: every rank must call it; only rank 0's result holds tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _options(cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_sd: dict[str, torch.Tensor],
+    optim_sd: dict[str, Any] | None,
+    d: Dist,
+) -> None:
+    """Load full state dicts; distributed, rank 0's copy is broadcast (other ranks may pass empty)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    opts = _options(broadcast_from_rank0=d.enabled)
+    set_model_state_dict(model, model_sd, options=opts)
+    if optimizer is not None and optim_sd is not None:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)

@@ -1,0 +1,471 @@
+"""The one training loop. Pretraining and every fine-tuning mode call `train` with their own `Task`.
+
+`train(cfg, model, task, run_dir)`:
+  - splits each global batch (`train.batch_size` sequences, optionally ramped) into this rank's slice
+    and micro-batches; gradients accumulate so the update equals one single-process step on the whole
+    batch, whatever the world size and micro-batch size;
+  - AdamW (decay on matrices only), warm-up + cosine schedule, global-norm clipping, bf16 autocast;
+  - skips a step whose loss or gradient is not finite, and stops after `max_nonfinite_steps` in a row;
+  - validation, metrics.jsonl / TensorBoard / loss.png, atomic checkpoints with the full resume state.
+The task decides what trains (`trainable_parameters`), on which batches (`batch`) with which loss
+(`loss`); see gptlab/train/task.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from gptlab.train import distributed as D
+from gptlab.train.config import TrainConfig
+from gptlab.train.metrics import MetricsLogger, peak_flops
+from gptlab.train.optim import build_optimizer, set_lr
+from gptlab.train.schedule import batch_size_at, lr_at
+from gptlab.train.state import (
+    TrainState,
+    checkpoint_dir,
+    latest_resumable,
+    prune_checkpoints,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from gptlab.train.task import Task, to_device
+
+if TYPE_CHECKING:
+    from gptlab.tokenizer import Tokenizer
+
+RUN_CONFIG = "config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss or gradient was not finite too many steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    loss: float | None
+    val_loss: float | None
+    checkpoint: Path | None
+    stop_reason: str
+    """'max_steps', 'time_limit' or 'early_stopping'."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """The metrics rows this session logged (rank 0; empty elsewhere)."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    # Autocast on a CPU without bf16 instructions emulates it, slower than fp32.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _clean_name(name: str) -> str:
+    """A parameter's name without the DDP / torch.compile wrapper prefixes."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    task: Task,
+    run_dir: str | Path,
+    *,
+    tokenizer: Tokenizer | None = None,
+    resume: bool | str | Path = False,
+    dist: D.Dist | None = None,
+) -> TrainResult:
+    """Train `model` on `task` as `cfg.optim` / `cfg.train` say, writing to `run_dir`.
+
+    `resume`: True resumes from the newest resumable checkpoint of `run_dir` (starting fresh if there is
+    none), a path resumes from that checkpoint. `model` is the plain module on any device; the loop
+    moves, wraps (activation checkpointing, compile, DDP / FSDP) and returns nothing of it.
+    """
+    t = cfg.train
+    run_dir = Path(run_dir)
+    d = dist or D.init_distributed(t.device)
+    threads_before = torch.get_num_threads()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    try:
+        return _train(cfg, model, task, run_dir, tokenizer, resume, d)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    task: Task,
+    run_dir: Path,
+    tokenizer: Tokenizer | None,
+    resume: bool | str | Path,
+    d: D.Dist,
+) -> TrainResult:
+    t = cfg.train
+    device = d.device
+    dtype = resolve_dtype(t.dtype, device)
+
+    start_from = _find_resume(run_dir, resume)
+    loaded = read_checkpoint(start_from) if start_from is not None and d.is_main else None
+    state = D.broadcast_object(d, loaded.state if loaded else None) or TrainState()
+    rng_all = D.broadcast_object(d, loaded.rng if loaded else None)
+    if start_from is not None and d.is_main:
+        print(f"resuming from {start_from} (step {state.step}, {state.tokens:,} tokens)", flush=True)
+
+    # Frozen parameters are marked before wrapping: DDP and FSDP fix the trainable set at wrap time.
+    model.to(device)
+    trainable = {n for n, _ in task.trainable_parameters(model)}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    prepare = getattr(task, "prepare_model", None)
+    if prepare is not None:
+        prepare(model)
+    if t.activation_checkpointing:
+        D.apply_activation_checkpointing(model)
+    if t.compile:
+        if d.enabled and t.strategy == "fsdp":
+            for block in D._blocks(model):
+                block.compile()
+        else:
+            model.compile()
+    wrapped = D.wrap_model(model, t.strategy, d)
+    params = [
+        (n, p) for n, p in ((_clean_name(n), p) for n, p in wrapped.named_parameters()) if n in trainable
+    ]
+    optimizer = build_optimizer(wrapped, params, cfg.optim, device)
+    if start_from is not None:
+        D.load_full_state(
+            wrapped, optimizer, loaded.model_sd if loaded else {}, loaded.optim_sd if loaded else {}, d
+        )
+        del loaded
+    if rng_all:
+        set_rng_state(*rng_all[d.rank % len(rng_all)])
+    else:
+        torch.manual_seed(t.seed + d.rank)  # dropout masks differ across ranks
+
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / RUN_CONFIG)
+        if tokenizer is not None and not (run_dir / "tokenizer").is_dir():
+            tokenizer.save(run_dir / "tokenizer")
+    logger = MetricsLogger(run_dir, t.tensorboard, state.step if start_from else None) if d.is_main else None
+    try:
+        return _run(cfg, d, wrapped, model, optimizer, params, task, state, run_dir, dtype, tokenizer, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _find_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        return latest_resumable(run_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} to resume from does not exist")
+    return latest_resumable(path) if not (path / "train_state.json").is_file() else path
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.mark, self.tokens = self.start, 0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.tokens / max(now - self.mark, 1e-9)
+        self.mark, self.tokens = now, 0
+        return r
+
+    def pause(self, seconds: float) -> None:
+        self.mark += seconds  # evaluation and checkpoints are not training throughput
+
+
+def _run(
+    cfg: TrainConfig,
+    d: D.Dist,
+    model: nn.Module,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[tuple[str, nn.Parameter]],
+    task: Task,
+    state: TrainState,
+    run_dir: Path,
+    dtype: torch.dtype,
+    tokenizer: Tokenizer | None,
+    logger: MetricsLogger | None,
+) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    t, o = cfg.train, cfg.optim
+    device, W = d.device, d.world_size
+    decay_steps = o.decay_steps or t.max_steps
+    config = getattr(raw_model, "config", None)
+    context = getattr(task, "seq_len", None)
+    flops_per_token = config.flops_per_token(context, backward=True) if config is not None else None
+    peak = peak_flops(device, dtype, t.peak_flops) * W if flops_per_token else None
+    val_batches = task.validation_batches() if t.eval_interval else []
+    grads = [p for _, p in params]
+
+    bar = tqdm(
+        total=t.max_steps,
+        initial=state.step,
+        disable=not (d.is_main and t.progress),
+        dynamic_ncols=True,
+        unit="step",
+        desc="train",
+    )
+    timer, session_start = _Timer(), time.perf_counter()
+    elapsed_before = state.elapsed
+    rows: list[dict[str, Any]] = []
+    last_loss: float | None = None
+    val_loss: float | None = None
+    saved: Path | None = None
+    stop_reason = "max_steps"
+    model.train()
+
+    def checkpoint() -> Path:
+        nonlocal saved
+        state.elapsed = elapsed_before + time.perf_counter() - session_start
+        began = time.perf_counter()
+        saved = _save(cfg, d, model, raw_model, optimizer, state, run_dir, tokenizer)
+        timer.pause(time.perf_counter() - began)
+        return saved
+
+    def log(row: dict[str, Any]) -> None:
+        if logger is not None:
+            logger.log(row)
+            rows.append(row)
+
+    while state.step < t.max_steps:
+        step = state.step
+        batch_size = batch_size_at(state.tokens, t.batch_size, t.batch_ramp_start, t.batch_ramp_tokens, W)
+        lr = lr_at(step, o.lr, o.warmup_steps, decay_steps, o.min_lr_ratio)
+        set_lr(optimizer, lr)
+        local = batch_size // W
+        first = state.position + d.rank * local
+        micro = t.micro_batch_size or local
+        starts = list(range(first, first + local, micro))
+        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        step_tokens = 0
+        for k, begin in enumerate(starts):
+            indices = range(begin, min(begin + micro, first + local))
+            batch = to_device(task.batch(indices), device)
+            step_tokens += task.tokens(batch)
+            with D.gradient_sync(model, enabled=k == len(starts) - 1), autocast(device, dtype):
+                loss = task.loss(model, batch)
+            # Each rank's share of the global mean; DDP / FSDP average over ranks, hence the factor W.
+            weight = len(indices) / batch_size
+            (loss.float() * (weight * W)).backward()
+            loss_sum += loss.detach().float() * weight
+        D.all_reduce_sum(d, loss_sum)
+        tokens_here = torch.tensor(float(step_tokens), device=device)
+        step_tokens = int(D.all_reduce_sum(d, tokens_here).item())
+        loss_value = float(loss_sum.item())
+        grad_norm = _grad_norm(grads, o.grad_clip) if math.isfinite(loss_value) else float("nan")
+
+        state.step += 1
+        state.position += batch_size
+        state.tokens += step_tokens
+        timer.tokens += step_tokens
+        bar.update(1)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_in_a_row += 1
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            log(
+                {
+                    "step": state.step,
+                    "skipped": True,
+                    "loss": None,
+                    "lr": lr,
+                    "tokens": state.tokens,
+                    "reason": f"non-finite {what}",
+                }
+            )
+            if d.is_main:
+                bar.write(
+                    f"step {state.step}: non-finite {what}; step skipped "
+                    f"({state.nonfinite_in_a_row}/{t.max_nonfinite_steps} in a row)"
+                )
+            if state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                bar.close()
+                D.barrier(d)
+                last = saved or latest_resumable(run_dir)
+                kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"the {what} was not finite for {state.nonfinite_in_a_row} steps in a row "
+                    f"(steps {state.step - state.nonfinite_in_a_row + 1}-{state.step}); training stopped and "
+                    f"{kept}. Lower optim.lr, raise optim.warmup_steps, or check the data; "
+                    f"resume with `gptlab train --resume {run_dir}`"
+                )
+            continue
+        state.nonfinite_in_a_row = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = loss_value
+
+        done = state.step >= t.max_steps
+        if t.time_limit is not None and not done:
+            over = time.perf_counter() - session_start > t.time_limit * 60
+            flag = D.all_reduce_sum(d, torch.tensor(float(over), device=device))  # rank 0's clock rules all
+            if flag.item() > 0:
+                done, stop_reason = True, "time_limit"
+        evaluate_now = bool(val_batches) and t.eval_interval and (state.step % t.eval_interval == 0 or done)
+        if state.step % t.log_interval == 0 or done or evaluate_now:
+            rate = timer.rate()
+            row: dict[str, Any] = {
+                "step": state.step,
+                "loss": loss_value,
+                "lr": lr,
+                "tokens": state.tokens,
+                "batch_size": batch_size,
+                "grad_norm": grad_norm,
+                "tokens_per_s": rate,
+                "mfu": rate * flops_per_token / peak if peak else None,
+                "elapsed": elapsed_before + time.perf_counter() - session_start,
+                "time": time.time(),
+            }
+            if evaluate_now:
+                began = time.perf_counter()
+                val_loss = evaluate(model, task, val_batches, d, dtype)
+                row["val_loss"] = val_loss
+                if hasattr(task, "validate"):  # task metrics beyond the loss (accuracy, F1, ...)
+                    row.update(task.validate(model))
+                timer.pause(time.perf_counter() - began)
+                if state.best_val_loss is None or val_loss < state.best_val_loss:
+                    state.best_val_loss = val_loss
+                improved, stop = _track_best(state, row, t.early_stopping_metric, t.patience)
+                if improved and d.is_main and hasattr(task, "on_best"):  # e.g. keep the best weights
+                    task.on_best(raw_model, row)
+                if stop and not done:
+                    done, stop_reason = True, "early_stopping"
+            log(row)
+            bar.set_postfix(_postfix(row), refresh=False)
+            if evaluate_now and logger is not None:
+                logger.plot()
+        if done or (t.checkpoint_interval and state.step % t.checkpoint_interval == 0):
+            checkpoint()
+        if done:
+            break
+    else:  # already at max_steps when resuming
+        if saved is None and d.is_main:
+            saved = latest_resumable(run_dir)
+    bar.close()
+    if logger is not None:
+        logger.plot()
+    return TrainResult(run_dir, state.step, state.tokens, last_loss, val_loss, saved, stop_reason, rows)
+
+
+def _track_best(state: TrainState, row: dict[str, Any], metric: str, patience: int) -> tuple[bool, bool]:
+    """(improved, stop) after an evaluation: `metric` against the best so far (lower is better for names
+    ending in 'loss', higher otherwise); stop once `patience` > 0 evaluations in a row did not improve."""
+    if metric not in row:
+        found = sorted(k for k in row if k.startswith("val_"))
+        raise ValueError(
+            f"train.early_stopping_metric {metric!r} is not a validation metric of this task; "
+            f"it reports {found}"
+        )
+    value, lower = float(row[metric]), metric.endswith("loss")
+    best = state.extra.setdefault(
+        "early_stopping", {"metric": metric, "best": None, "best_step": None, "evals_without_improvement": 0}
+    )
+    improved = best["best"] is None or (value < best["best"] if lower else value > best["best"])
+    if improved:
+        best.update(metric=metric, best=value, best_step=state.step, evals_without_improvement=0)
+    else:
+        best["evals_without_improvement"] += 1
+    return improved, patience > 0 and best["evals_without_improvement"] >= patience
+
+
+def _postfix(row: dict[str, Any]) -> dict[str, str]:
+    out = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+    if row.get("mfu") is not None:
+        out["mfu"] = f"{100 * row['mfu']:.1f}%"
+    if row.get("val_loss") is not None:
+        out["val"] = f"{row['val_loss']:.3f}"
+    return out
+
+
+def _grad_norm(grads: list[nn.Parameter], clip: float) -> float:
+    """Clip to `clip` (0: measure only) and return the global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batches: list[Any], d: D.Dist, dtype: torch.dtype) -> float:
+    """Token-weighted mean loss over `batches`, split across ranks (each rank runs the same number of
+    forward passes, as FSDP requires; padding passes count zero)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)
+    per_rank = -(-len(batches) // d.world_size)
+    for k in range(per_rank):
+        i = d.rank + k * d.world_size
+        batch = to_device(batches[i] if i < len(batches) else batches[0], d.device)
+        with autocast(d.device, dtype):
+            loss = task.loss(model, batch)
+        if i < len(batches):
+            n = task.tokens(batch)
+            total[0] += float(loss) * n
+            total[1] += n
+    D.all_reduce_sum(d, total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def _save(
+    cfg: TrainConfig,
+    d: D.Dist,
+    model: nn.Module,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    run_dir: Path,
+    tokenizer: Tokenizer | None,
+) -> Path:
+    """Gather full state on rank 0 (a collective), write the checkpoint there, prune old ones."""
+    model_sd, optim_sd = D.full_state(model, optimizer, d)
+    rng = rng_state()
+    if d.enabled:
+        gathered: list[Any] = [None] * d.world_size
+        torch_dist.all_gather_object(gathered, rng)
+        rngs = gathered
+    else:
+        rngs = [rng]
+    directory = checkpoint_dir(run_dir, state.step)
+    if d.is_main:
+        extra = {"step": state.step, "tokens": state.tokens, "train": cfg.to_dict()}
+        write_checkpoint(directory, raw_model.config, model_sd, optim_sd, state, rngs, tokenizer, extra)
+        prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+    D.barrier(d)
+    return directory

@@ -1,0 +1,116 @@
+"""Cross-entropy over a large vocabulary without materialising the (tokens, vocab) logits.
+
+`linear_cross_entropy(hidden, weight, targets)` equals
+`F.cross_entropy(F.linear(hidden, weight), targets, ignore_index=-1)` (fp32 rounding aside) but
+computes logits a block of rows at a time and turns each block into its gradient in place, in the
+forward pass: the same three matmuls, one logits-sized buffer per block instead of the logits,
+log-probabilities and their gradients for the whole batch (4 x 400 MB at 2048 tokens x 50k vocab).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -1
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        block: int,
+        grad_hidden_too: bool,
+        grad_weight_too: bool,
+    ) -> Tensor:
+        N, C = hidden.shape
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()
+        needs_grad = grad_hidden_too or grad_weight_too
+        grad_hidden = torch.empty_like(hidden) if grad_hidden_too else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight_too else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, N, block):
+            h = hidden[start : start + block]
+            t = targets[start : start + block]
+            ok = valid[start : start + block]
+            logits = (h @ weight.t()).float()  # (b, V)
+            lse = torch.logsumexp(logits, dim=1)
+            safe_t = t.clamp(min=0)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += torch.where(ok, lse - picked, 0.0).sum()
+            if not needs_grad:
+                continue
+            # d(sum of losses)/d logits = softmax - one_hot, zero for ignored rows; computed in place.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
+            probs.mul_(ok[:, None])
+            probs = probs.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(probs, weight, out=grad_hidden[start : start + block])
+            if grad_weight is not None:
+                if probs.dtype == torch.float32:
+                    grad_weight.addmm_(probs.t(), h)
+                else:  # autocast: a bf16 / fp16 matmul, accumulated over blocks in fp32
+                    grad_weight.add_(torch.mm(probs.t(), h))
+        denom = count.clamp(min=1).to(torch.float32)
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else torch.empty(0),
+            grad_weight if grad_weight is not None else torch.empty(0),
+            denom,
+        )
+        ctx.weight_dtype = weight.dtype
+        # Mean over counted tokens; NaN when every target is ignored, like F.cross_entropy.
+        return total / count.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight, denom = ctx.saved_tensors
+        scale = grad_out / denom
+        gh = (grad_hidden * scale).to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, block: int = 512) -> Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-1 = ignored).
+
+    hidden (..., C), weight (V, C), targets (...) int64. Gradients are computed in the forward pass, so
+    call it only for a loss you will backpropagate (or under no_grad, where it just computes the loss).
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    if h.shape[0] != t.shape[0]:
+        raise ValueError(f"{h.shape[0]} hidden rows but {t.shape[0]} targets")
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+        weight_in = weight.to(h.dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            return _apply(h, weight_in, t, block)
+    return _apply(h, weight, t, block)
+
+
+def _apply(h: Tensor, weight: Tensor, t: Tensor, block: int) -> Tensor:
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(
+        h, weight, t, block, grad and h.requires_grad, grad and weight.requires_grad
+    )
+
+
+def apply_fused_cross_entropy(model: torch.nn.Module, block: int = 512) -> None:
+    """Make `model(idx, targets)` (a GPT) compute its loss with `linear_cross_entropy`, returning
+    (None, loss): applied from outside, like activation checkpointing, on the instance, so parameter
+    names, checkpoints and every other call (no targets, a KV cache, last_only) are unchanged."""
+    plain = model.forward
+
+    def forward(idx: Tensor, targets: Tensor | None = None, **kwargs):
+        if targets is None or any(v is not None and v is not False for v in kwargs.values()):
+            return plain(idx, targets, **kwargs)
+        hidden = model.features(idx)  # (B, T, C)
+        weight = model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight
+        return None, linear_cross_entropy(hidden, weight, targets, block)
+
+    model.forward = forward

@@ -1,0 +1,155 @@
+"""Training metrics: metrics.jsonl, TensorBoard (optional), loss.png, and the peak FLOP/s behind MFU."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets (no sparsity): (bf16/fp16 tensor core, fp32).
+# fp32 uses TF32 tensor cores where torch allows it; we count the plain fp32 figure to stay conservative.
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),  # SXM; PCIe: 756e12
+    "A100": (312e12, 19.5e12),
+    "A10G": (125e12, 31.2e12),
+    "L40S": (362e12, 91.6e12),
+    "L4": (121e12, 30.3e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "V100": (125e12, 15.7e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+@functools.cache
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 0.3) -> float:
+    """Best FLOP/s of a 1024-square matmul in nn.Linear's layout (x @ W.T) on `device` over about
+    `seconds` (cached per process). The layout matters: CPUs without native bf16 run x @ W ten times
+    slower than x @ W.T in bf16."""
+    n = 1024
+    gen = torch.Generator(device).manual_seed(0)  # leave the global RNG (dropout, resume) untouched
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    F.linear(a, b)  # warm-up: kernel selection, page faults
+    sync()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    for i in range(100):
+        t = time.perf_counter()
+        F.linear(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() > deadline:
+            break
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | None = None) -> float:
+    """Peak FLOP/s for MFU: the configured value, a table entry for known GPUs, else measured."""
+    if configured:
+        return float(configured)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, single) in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return half if dtype in (torch.bfloat16, torch.float16) else single
+        return measured_matmul_flops(dtype, str(device))
+    return measured_matmul_flops(dtype, "cpu")
+
+
+class MetricsLogger:
+    """Writes one JSON object per row to metrics.jsonl (and TensorBoard); draws loss.png on request."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        self.run_dir = run_dir
+        self.file = run_dir / METRICS_FILE
+        if resume_step is not None and self.file.is_file():
+            # Rows past the resumed checkpoint belong to the interrupted session and will be redone.
+            kept = [r for r in read_metrics(self.file) if r.get("step", 0) <= resume_step]
+            self.file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif resume_step is None and self.file.is_file():
+            self.file.unlink()
+        self._fh = open(self.file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: pip install 'gptlab[tensorboard]'
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            step = row["step"]
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and value is not None:
+                    self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+            self._tb.flush()
+
+    def plot(self) -> Path | None:
+        return plot_loss(self.file, self.run_dir / LOSS_PLOT)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(file: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in file.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+    return rows
+
+
+def plot_loss(metrics_file: Path, out: Path) -> Path | None:
+    """Training and validation loss against tokens seen, as a PNG (matplotlib's Agg backend)."""
+    if not metrics_file.is_file():
+        return None
+    rows = read_metrics(metrics_file)
+    train = [(r["tokens"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from gptlab.checkpoint import atomic_write_bytes
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(f"{metrics_file.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(out, buf.getvalue())
+    return out
