@@ -61,15 +61,11 @@ def weight_bytes_per_token(config, precision: str) -> int:
 def gptlab_engine(hf_dir: Path, precision: str, compile: bool) -> dict[str, Callable[[], int]]:
     from gptlab.checkpoint import load_model
     from gptlab.decoder import Decoder
-    from gptlab.generate import generate_ids
-    from gptlab.quantize import pack_half, quantize_int8
+    from gptlab.generate import generate_ids, prepare_model
 
-    # What `gptlab generate --dtype bfloat16 / --quantize int8` does (gptlab.generate.load_for_generation).
+    # What `gptlab generate --dtype ... [--quantize int8] [--compile]` runs.
     model = load_model(hf_dir, dtype=torch.bfloat16 if precision == "bf16" else None)
-    if precision == "int8":
-        quantize_int8(model)
-    elif precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pack_half(model)
+    prepare_model(model, quantize="int8" if precision == "int8" else None, pack=not compile)
 
     def decode(prompts: list[list[int]], new: int) -> Callable[[], int]:
         def run() -> int:
@@ -253,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every engine")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median reported)")
+    p.add_argument("--max-seconds", type=float, default=120, help="fewer runs for configurations slower than this")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="the larger batch size")
@@ -299,7 +296,7 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
         for engine in args.engines:
             if engine == "gptlab":
                 variants.append(("gptlab", precision, gptlab_engine(hf_dir, precision, False)))
-                if args.compile:
+                if args.compile and precision != "int8":  # fbgemm's int8 kernels cannot be compiled
                     variants.append(("gptlab+compile", precision, gptlab_engine(hf_dir, precision, True)))
             elif engine == "transformers":
                 variants.append(("transformers", precision, transformers_engine(hf_dir, precision)))
@@ -315,14 +312,20 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
         if args.prefill:
             jobs.append((label, precision, "prefill", w["prefill"](long_prompt)))
     rates: dict[tuple[str, str, str], list[float]] = {}
+    budget: dict[int, int] = {}  # job -> timed runs; very slow configurations get fewer
     for r in range(args.runs + 1):  # run 0 warms up (and compiles)
-        for label, precision, name, fn in jobs:
+        for j, (label, precision, name, fn) in enumerate(jobs):
+            if r > budget.get(j, args.runs):
+                continue
             t = time.perf_counter()
             tokens = fn()
-            rate = tokens / (time.perf_counter() - t)
-            if r:
-                rates.setdefault((label, precision, name), []).append(rate)
-            print(f"run {r} {label:15s} {precision} {name:8s} {rate:8.1f} tok/s", file=sys.stderr, flush=True)
+            seconds = time.perf_counter() - t
+            if r == 0:
+                budget[j] = max(1, min(args.runs, int(args.max_seconds / max(seconds, 1e-9))))
+            else:
+                rates.setdefault((label, precision, name), []).append(tokens / seconds)
+            line = f"run {r} {label:15s} {precision} {name:8s} {tokens / seconds:8.1f} tok/s"
+            print(line, file=sys.stderr, flush=True)
 
     results = []
     for label, precision, _ in variants:

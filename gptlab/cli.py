@@ -304,7 +304,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         ).validate()
         model, tokenizer = load_for_generation(
             args.checkpoint, dtype=args.dtype, quantize=args.quantize, device=args.device,
-            tokenizer=args.tokenizer,
+            tokenizer=args.tokenizer, pack=not args.compile,
         )
         return run_generate(
             model, tokenizer, args.prompt, params, interactive=args.interactive,

@@ -374,29 +374,37 @@ def load_for_generation(
     quantize: str | None = None,
     device: str = "cpu",
     tokenizer: str | None = None,
+    pack: bool = True,
 ) -> tuple[GPT, Any]:
-    """Model and tokenizer of a gptlab run / checkpoint or Hugging Face GPT-2 directory, ready to decode.
-
-    On a CPU without native bf16 matmuls, bfloat16 runs as `gptlab.quantize.pack_half` (the bf16
-    weights in fbgemm's half-precision GEMM, float32 activations); int8 uses float32 activations.
-    """
+    """Model (see `prepare_model`) and tokenizer of a gptlab run / checkpoint or Hugging Face GPT-2 directory."""
     from gptlab.checkpoint import load_model, load_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    model = load_model(checkpoint, device=device, dtype=DTYPES[dtype])
+    return prepare_model(model, quantize=quantize, pack=pack), load_tokenizer(tokenizer or checkpoint)
+
+
+def prepare_model(model: GPT, *, quantize: str | None = None, pack: bool = True) -> GPT:
+    """Swap a CPU model's linear layers for faster kernels (see `gptlab.quantize`), in place.
+
+    float32: weights prepacked for oneDNN. bfloat16 without native bf16 matmuls: the bf16 weights in
+    fbgemm's half-precision GEMM, float32 activations. quantize='int8': int8 weights, float32
+    activations. `compile=True` needs the plain layers: pass pack=False (int8 cannot be compiled).
+    """
+    from gptlab.quantize import pack_float32, pack_half, quantize_int8
+
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
-    model = load_model(checkpoint, device=device, dtype=DTYPES[dtype])
-    on_cpu = torch.device(device).type == "cpu"
+    weight = model.transformer.wte.weight
     if quantize == "int8":
-        from gptlab.quantize import quantize_int8
-
         quantize_int8(model).float()
-    elif dtype == "bfloat16" and on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        from gptlab.quantize import pack_half
-
-        pack_half(model)
-    return model, load_tokenizer(tokenizer or checkpoint)
+    elif pack and weight.device.type == "cpu":
+        if weight.dtype == torch.float32:
+            pack_float32(model)
+        elif weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            pack_half(model)
+    return model
 
 
 def run_generate(

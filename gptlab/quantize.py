@@ -1,4 +1,4 @@
-"""Int8 and half-precision linear layers for fast CPU inference, applied to a model from outside.
+"""Fast CPU linear layers (float32 prepacked, bf16 as packed half precision, int8), applied from outside.
 
 Weights are quantised symmetrically per output channel (scale = max|w| / 127). Two kernels:
 - "dynamic" (default): fbgemm's dynamic int8 GEMM; each call quantises its input to 8 bits per
@@ -9,6 +9,10 @@ Weights are quantised symmetrically per output channel (scale = max|w| / 127). T
 Quantisation is applied from outside the model, in place, to every `nn.Linear` of the blocks and to
 the output projection (the tied embedding matrix, copied into an int8 head); token and position
 embeddings stay in float since decoding reads one row of them per token.
+
+`pack_float32` keeps float32 but stores each weight in oneDNN's blocked layout, prepacked once: on
+CPUs where MKL's sgemv/sgemm for `x @ W.T` is slow (AMD EPYC here: ~1.5x at batch 1, ~2x at batch 8,
+see benchmarks/decode.py) this is the fastest float32 matmul torch offers.
 
 `pack_half` is how a bfloat16 model runs on CPUs without native bf16 matmuls (AVX2): each weight is
 stored in fbgemm's packed float16 format and multiplied with float32 activations. Every bf16 value of
@@ -113,6 +117,29 @@ class HalfLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16 (fbgemm)"
 
 
+class PackedLinear(nn.Module):
+    """A drop-in `nn.Linear` replacement with float32 weights prepacked for oneDNN (same values)."""
+
+    BATCH_HINT = 8  # oneDNN picks its blocked layout for this many rows; fast for 1 to 64 (decode)
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), self.BATCH_HINT)
+        self.register_buffer("packed_weight", packed)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, shape[-1]).float(), self.packed_weight, self.bias, "none", [], ""
+        )
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float32 (oneDNN packed)"
+
+
 def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
     """Float matmul with the dequantised weight: what the int8 kernels approximate (tests)."""
     return F.linear(x.float(), layer.dequantized(), layer.bias)
@@ -129,6 +156,18 @@ def _swap_linears(model: GPT, make: Callable[[Tensor, Tensor | None], nn.Module]
     if head:
         weight = model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight
         model.lm_head = make(weight, None)
+
+
+@torch.no_grad()
+def pack_float32(model: GPT) -> GPT:
+    """Prepack the float32 linear layers and output head for oneDNN (`PackedLinear`); the values are
+    unchanged. In place; returns the model. Inference only. A no-op where torch lacks oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return model.eval()
+    model.float()
+    _swap_linears(model, PackedLinear, head=True)
+    model.quantized = "float32-packed"
+    return model.eval()
 
 
 @torch.no_grad()

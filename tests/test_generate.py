@@ -417,6 +417,20 @@ def test_int8_quantized_model_close_to_float():
     assert out == [greedy_recompute(quantized, [1, 2, 3], 8)]
 
 
+def test_packed_float32_linear_same_values():
+    from gptlab.quantize import PackedLinear, pack_float32
+
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(PackedLinear(linear.weight, linear.bias)(x), linear(x), atol=1e-5, rtol=1e-5)
+    model = peaked_model(attn_pattern="alternating", local_window=4)
+    prompts = [[1, 2, 3, 4], [5]]
+    want = generate_ids(model, prompts, max_new_tokens=10, temperature=0)
+    pack_float32(model)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert generate_ids(model, prompts, max_new_tokens=10, temperature=0) == want
+
+
 def test_half_linear_exact_for_bfloat16_weights():
     from gptlab.quantize import HalfLinear, pack_half
 
