@@ -148,6 +148,8 @@ def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
 def _swap_linears(model: GPT, make: Callable[[Tensor, Tensor | None], nn.Module], head: bool) -> None:
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("int8 / packed half-precision layers run on CPU; load the model with device='cpu'")
+    if getattr(model, "quantized", None):
+        raise ValueError(f"the model's linear layers are already swapped ({model.quantized}); load it afresh")
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):

@@ -477,3 +477,12 @@ def test_compile_matches_eager(dataset, tmp_path: Path):
 def test_dataclass_roundtrip():
     cfg = TrainConfig()
     assert TrainConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+def test_example_training_configs_load():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    files = sorted(examples.glob("train-*.toml")) + sorted(examples.glob("train-*.yaml"))
+    assert len(files) >= 3
+    for file in files:
+        cfg = load_train_config(file)
+        assert cfg.model.resolve().n_layer >= 1, file
