@@ -154,11 +154,7 @@ def make_transformers(c: ModelConfig, compile_model: bool):
         attn_pdrop=0.0,
         use_cache=False,
     )
-    model = (
-        GPT2LMHeadModel(hf, attn_implementation="sdpa")
-        if _accepts_attn(GPT2LMHeadModel)
-        else GPT2LMHeadModel(hf)
-    )
+    model = GPT2LMHeadModel(hf, attn_implementation="sdpa") if _accepts_attn(GPT2LMHeadModel) else GPT2LMHeadModel(hf)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
     if compile_model:
         model.compile()
@@ -320,11 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peers = [k for k in PEERS if k in results]
     print()
-    print(
-        "| setting | dtype | compile | tokens/s | MFU | ms/step | "
-        + " | ".join(f"vs {k}" for k in peers)
-        + " |"
-    )
+    print("| setting | dtype | compile | tokens/s | MFU | ms/step | " + " | ".join(f"vs {k}" for k in peers) + " |")
     print("|---|---|---|---:|---:|---:|" + "---:|" * len(peers))
     for name, (tps, mfu, sec) in results.items():
         impl, dtype, comp = table[name]

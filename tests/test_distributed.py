@@ -118,9 +118,7 @@ def test_ddp_and_fsdp_match_single_process(tmp_path: Path):
         weights = load_model(tmp_path / strategy).state_dict()
         assert weights.keys() == single_model.keys()
         for k in weights:
-            torch.testing.assert_close(
-                weights[k], single_model[k], atol=1e-5, rtol=1e-4, msg=f"{strategy} {k}"
-            )
+            torch.testing.assert_close(weights[k], single_model[k], atol=1e-5, rtol=1e-4, msg=f"{strategy} {k}")
 
 
 def test_launch_documentation_names_torchrun_flags():

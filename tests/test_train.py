@@ -127,12 +127,10 @@ def test_weight_decay_only_on_matrices(tied: bool):
 
 def test_config_from_toml_and_yaml_with_overrides(tmp_path: Path):
     (tmp_path / "a.toml").write_text(
-        '[model]\npreset = "micro"\nn_layer = 3\n[optim]\nlr = 1e-3\n'
-        '[train]\nbatch_size = 12\ndtype = "bfloat16"\n'
+        '[model]\npreset = "micro"\nn_layer = 3\n[optim]\nlr = 1e-3\n[train]\nbatch_size = 12\ndtype = "bfloat16"\n'
     )
     (tmp_path / "a.yaml").write_text(
-        "model:\n  preset: micro\n  n_layer: 3\noptim:\n  lr: 0.001\n"
-        "train:\n  batch_size: 12\n  dtype: bfloat16\n"
+        "model:\n  preset: micro\n  n_layer: 3\noptim:\n  lr: 0.001\ntrain:\n  batch_size: 12\n  dtype: bfloat16\n"
     )
     a = load_train_config(tmp_path / "a.toml")
     b = load_train_config(tmp_path / "a.yaml")
@@ -210,9 +208,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(dataset, tmp_path: Path):
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-6
     assert a[40] < a[1] - 0.5  # it learned something
     val = lambda d: [
-        json.loads(x)["val_loss"]
-        for x in (d / "metrics.jsonl").read_text().splitlines()
-        if "val_loss" in json.loads(x)
+        json.loads(x)["val_loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if "val_loss" in json.loads(x)
     ]
     assert val(tmp_path / "full") == pytest.approx(val(tmp_path / "cut"), abs=1e-6)
     # The final weights agree too, and keep-last-2 pruned the older checkpoints.
@@ -251,13 +247,9 @@ def test_run_dir_contents_and_config_reproduces(dataset, tmp_path: Path):
 def test_gradient_accumulation_and_activation_checkpointing_match_plain(dataset, tmp_path: Path):
     base = {"train.max_steps": 3, "train.eval_interval": 0, "train.batch_size": 6}
     plain = losses(_train(tiny_config(dataset, tmp_path / "a", **base)).run_dir)
-    accum = losses(
-        _train(tiny_config(dataset, tmp_path / "b", **base, **{"train.micro_batch_size": 4})).run_dir
-    )
+    accum = losses(_train(tiny_config(dataset, tmp_path / "b", **base, **{"train.micro_batch_size": 4})).run_dir)
     ckpt = losses(
-        _train(
-            tiny_config(dataset, tmp_path / "c", **base, **{"train.activation_checkpointing": True})
-        ).run_dir
+        _train(tiny_config(dataset, tmp_path / "c", **base, **{"train.activation_checkpointing": True})).run_dir
     )
     for other in (accum, ckpt):
         assert max(abs(plain[s] - other[s]) for s in plain) < 1e-5
@@ -293,9 +285,7 @@ def test_linear_cross_entropy_matches_cross_entropy():
 def test_fused_loss_trains_like_the_models_own_loss(dataset, tmp_path: Path):
     base = {"train.max_steps": 3, "train.eval_interval": 3}
     fused = losses(_train(tiny_config(dataset, tmp_path / "a", **base)).run_dir)
-    plain = losses(
-        _train(tiny_config(dataset, tmp_path / "b", **base, **{"train.fused_loss": False})).run_dir
-    )
+    plain = losses(_train(tiny_config(dataset, tmp_path / "b", **base, **{"train.fused_loss": False})).run_dir)
     assert max(abs(fused[s] - plain[s]) for s in plain) < 1e-5
 
 

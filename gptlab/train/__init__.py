@@ -6,8 +6,9 @@ What differs between modes is a `Task` (task.py): which batches, which loss, whi
     adapters with the base frozen) and call `train(cfg, model, task, run_dir)`.
 Around the loop: config.py (TrainConfig), schedule.py (warm-up + cosine, batch ramp), optim.py
 (AdamW groups), distributed.py (torchrun, DDP / FSDP2, activation checkpointing), state.py (atomic
-checkpoints with the resume state), metrics.py (metrics.jsonl, TensorBoard, loss.png, MFU) and
-pipeline.py (`gptlab train` with no arguments: tokenizer -> data -> nano model -> sample).
+checkpoints with the resume state), metrics.py (metrics.jsonl, TensorBoard, loss.png, MFU), losses.py
+(the vocabulary cross-entropy without materialised logits) and pipeline.py (`gptlab train` with no
+arguments: tokenizer -> data -> nano model -> sample).
 """
 
 from gptlab.train.config import TrainConfig, load_train_config

@@ -154,14 +154,10 @@ def _train(
         else:
             model.compile()
     wrapped = D.wrap_model(model, t.strategy, d)
-    params = [
-        (n, p) for n, p in ((_clean_name(n), p) for n, p in wrapped.named_parameters()) if n in trainable
-    ]
+    params = [(n, p) for n, p in ((_clean_name(n), p) for n, p in wrapped.named_parameters()) if n in trainable]
     optimizer = build_optimizer(wrapped, params, cfg.optim, device)
     if start_from is not None:
-        D.load_full_state(
-            wrapped, optimizer, loaded.model_sd if loaded else {}, loaded.optim_sd if loaded else {}, d
-        )
+        D.load_full_state(wrapped, optimizer, loaded.model_sd if loaded else {}, loaded.optim_sd if loaded else {}, d)
         del loaded
     if rng_all:
         set_rng_state(*rng_all[d.rank % len(rng_all)])
@@ -389,8 +385,7 @@ def _track_best(state: TrainState, row: dict[str, Any], metric: str, patience: i
     if metric not in row:
         found = sorted(k for k in row if k.startswith("val_"))
         raise ValueError(
-            f"train.early_stopping_metric {metric!r} is not a validation metric of this task; "
-            f"it reports {found}"
+            f"train.early_stopping_metric {metric!r} is not a validation metric of this task; it reports {found}"
         )
     value, lower = float(row[metric]), metric.endswith("loss")
     best = state.extra.setdefault(

@@ -95,9 +95,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, block:
 
 def _apply(h: Tensor, weight: Tensor, t: Tensor, block: int) -> Tensor:
     grad = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(
-        h, weight, t, block, grad and h.requires_grad, grad and weight.requires_grad
-    )
+    return _LinearCrossEntropy.apply(h, weight, t, block, grad and h.requires_grad, grad and weight.requires_grad)
 
 
 def apply_fused_cross_entropy(model: torch.nn.Module, block: int = 512) -> None:

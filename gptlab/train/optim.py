@@ -14,9 +14,7 @@ def embedding_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
 
 
-def param_groups(
-    model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
-) -> list[dict]:
+def param_groups(model: nn.Module, params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Two AdamW groups: matrices decayed; biases, LayerNorm gains and embeddings not (GPT-3, following
     GPT-2's code; embeddings are lookups, so decaying them only shrinks rare tokens)."""
     embeddings = embedding_parameter_ids(model)

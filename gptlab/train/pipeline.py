@@ -71,9 +71,7 @@ def ensure_tokenizer(
         chosen.append(f)
         size += f.stat().st_size
     began = time.perf_counter()
-    print(
-        f"tokenizer: training a {vocab_size}-id BPE on {len(chosen)} files ({size / 1e6:.1f} MB)", flush=True
-    )
+    print(f"tokenizer: training a {vocab_size}-id BPE on {len(chosen)} files ({size / 1e6:.1f} MB)", flush=True)
     tok = Tokenizer.train(chosen, vocab_size, show_progress=progress)
     with atomic_dir(out) as tmp:
         tok.save(tmp)
@@ -81,9 +79,7 @@ def ensure_tokenizer(
     return Tokenizer.from_pretrained(out)
 
 
-def ensure_dataset(
-    data_dir: Path, tokenizer: Any, corpus: list[Path] | None = None, progress: bool = True
-) -> Path:
+def ensure_dataset(data_dir: Path, tokenizer: Any, corpus: list[Path] | None = None, progress: bool = True) -> Path:
     """The cached token dataset under data_dir/dataset, prepared first if absent or stale."""
     from gptlab.data.loader import read_manifest
     from gptlab.data.prepare import prepare, summary
@@ -198,8 +194,7 @@ def main_job(
             total = time.perf_counter() - started
             print(
                 f"\ndone in {total / 60:.1f} min: run directory {result.run_dir} "
-                f"(loss {result.loss:.3f}"
-                + (f", val loss {result.val_loss:.3f})" if result.val_loss else ")")
+                f"(loss {result.loss:.3f}" + (f", val loss {result.val_loss:.3f})" if result.val_loss else ")")
             )
             print(f"continue with: gptlab generate {result.run_dir} 'def '")
             print(f"               gptlab report {result.run_dir}")
@@ -232,9 +227,7 @@ def print_sample(run_dir: Path, max_new_tokens: int = 120, prompt: str = "def ")
 
     model = load_model(run_dir)
     tokenizer = load_tokenizer(run_dir)
-    text = generate(
-        model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=0
-    )[0].text
+    text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=0)[0].text
     print(f"\nsample (temperature 0.8, top-k 50):\n{'-' * 60}\n{prompt}{text}\n{'-' * 60}")
     return text
 
@@ -256,9 +249,7 @@ def train_command(
 
     if isinstance(resume, str):
         if config is not None:
-            raise ValueError(
-                "give either --config FILE or --resume RUN_DIR (which brings its own config), not both"
-            )
+            raise ValueError("give either --config FILE or --resume RUN_DIR (which brings its own config), not both")
         config, run_dir = str(config_of_run(resume)), resume
     if config is None:
         if resume:

@@ -73,9 +73,7 @@ def load_data_tokenizer(cfg: TrainConfig) -> Tokenizer | None:
     return tokenizer
 
 
-def pretrain(
-    cfg: TrainConfig, *, resume: bool | str | Path = False, dist: D.Dist | None = None
-) -> TrainResult:
+def pretrain(cfg: TrainConfig, *, resume: bool | str | Path = False, dist: D.Dist | None = None) -> TrainResult:
     """Pretrain a GPT on `cfg.data.dataset` into `cfg.train.run_dir` (resolved first)."""
     d = dist or D.init_distributed(cfg.train.device)
     try:
@@ -101,15 +99,11 @@ def pretrain(
             fused_loss=cfg.train.fused_loss,
         )
         if task.vocab_size > model_config.vocab_size:
-            raise ValueError(
-                f"dataset vocabulary {task.vocab_size} exceeds model.vocab_size {model_config.vocab_size}"
-            )
+            raise ValueError(f"dataset vocabulary {task.vocab_size} exceeds model.vocab_size {model_config.vocab_size}")
         model = build_model(model_config, cfg.train.seed)
         if d.is_main:
             n = model.num_params()
-            print(
-                f"model {model_config.name}: {n / 1e6:.2f}M parameters; run directory {run_dir}", flush=True
-            )
+            print(f"model {model_config.name}: {n / 1e6:.2f}M parameters; run directory {run_dir}", flush=True)
         return train(cfg, model, task, run_dir, tokenizer=tokenizer, resume=resume, dist=d)
     finally:
         if dist is None:

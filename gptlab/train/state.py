@@ -107,9 +107,7 @@ def _flatten_optimizer(optim_sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor
                 tensors[f"optimizer/{name}/{key}"] = value.detach().to("cpu").contiguous().clone()
             else:
                 scalars.setdefault(name, {})[key] = value
-    groups = [
-        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim_sd["param_groups"]
-    ]
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim_sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -175,19 +173,14 @@ def read_checkpoint(directory: Path) -> LoadedCheckpoint:
     """Read what `write_checkpoint` wrote; errors name the file."""
     if not has_train_state(directory):
         raise FileNotFoundError(
-            f"{directory} has no {STATE_JSON} / {STATE_TENSORS}: "
-            "it is a model checkpoint, not a resumable one"
+            f"{directory} has no {STATE_JSON} / {STATE_TENSORS}: it is a model checkpoint, not a resumable one"
         )
     try:
         meta = json.loads((directory / STATE_JSON).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{directory / STATE_JSON} is corrupted ({e}); resume from an earlier checkpoint"
-        ) from None
+        raise ValueError(f"{directory / STATE_JSON} is corrupted ({e}); resume from an earlier checkpoint") from None
     if meta.get("version") != STATE_VERSION:
-        raise ValueError(
-            f"{directory / STATE_JSON} has version {meta.get('version')}, expected {STATE_VERSION}"
-        )
+        raise ValueError(f"{directory / STATE_JSON} has version {meta.get('version')}, expected {STATE_VERSION}")
     tensors = read_safetensors(directory / STATE_TENSORS)
     model_sd = read_safetensors(directory / WEIGHTS_FILE)
     optim_sd = _unflatten_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None

@@ -107,9 +107,7 @@ class LanguageModelingTask:
             from gptlab.data.loader import validation_batches
 
             size, count = self._eval
-            self._val = (
-                validation_batches(self.dataset_dir, self.seq_len, size, count) if self.has_val else []
-            )
+            self._val = validation_batches(self.dataset_dir, self.seq_len, size, count) if self.has_val else []
         return self._val
 
     def trainable_parameters(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
