@@ -1,18 +1,19 @@
 """Fast CPU linear layers (float32 prepacked, bf16 as packed half precision, int8), applied from outside.
 
-Weights are quantised symmetrically per output channel (scale = max|w| / 127). Two kernels:
+`quantize_int8` quantises weights symmetrically per output channel (scale = max|w| / 127). Two kernels:
 - "dynamic" (default): fbgemm's dynamic int8 GEMM; each call quantises its input to 8 bits per
-  tensor, multiplies in int8 with int32 accumulation, and rescales. Fastest on x86 CPUs without
-  AVX-512 (see benchmarks/decode.py).
+  tensor, multiplies in int8 with int32 accumulation, and rescales. The fastest int8 CPU matmul in
+  torch on AVX2 (a 768x3072 matrix-vector product, one core: ~0.12 ms, against ~2.3 ms for
+  `_weight_int8pack_mm` with float32 activations and ~0.3 ms for float32 `F.linear`).
 - "weight": weight-only; int8 weights are dequantised inside the matmul and activations stay in
-  float (`torch._weight_int8pack_mm`). Closer to float, fast where that kernel is (AVX-512, compiled).
+  float (`torch._weight_int8pack_mm`). Closest to float; fast where that kernel is (AVX-512).
 Quantisation is applied from outside the model, in place, to every `nn.Linear` of the blocks and to
 the output projection (the tied embedding matrix, copied into an int8 head); token and position
 embeddings stay in float since decoding reads one row of them per token.
 
-`pack_float32` keeps float32 but stores each weight in oneDNN's blocked layout, prepacked once: on
-CPUs where MKL's sgemv/sgemm for `x @ W.T` is slow (AMD EPYC here: ~1.5x at batch 1, ~2x at batch 8,
-see benchmarks/decode.py) this is the fastest float32 matmul torch offers.
+`pack_float32` keeps float32 values but lays each weight out for the fastest CPU kernel torch offers
+at each batch size (`PackedLinear`); on the AMD EPYC we measured, `F.linear` was ~1.3x slower at
+batch 1 and ~1.4x at batch 8.
 
 `pack_half` is how a bfloat16 model runs on CPUs without native bf16 matmuls (AVX2): each weight is
 stored in fbgemm's packed float16 format and multiplied with float32 activations. Every bf16 value of
@@ -118,26 +119,35 @@ class HalfLinear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """A drop-in `nn.Linear` replacement with float32 weights prepacked for oneDNN (same values)."""
+    """A drop-in float32 `nn.Linear` replacement laid out for fast CPU matmuls (same values).
 
-    BATCH_HINT = 8  # oneDNN picks its blocked layout for this many rows; fast for 1 to 64 (decode)
+    One row (batch-1 decoding) runs MKL's `x @ W` on a (K, N) copy of the weight, ~1.3x faster than
+    `F.linear`'s `x @ W.T` here; more rows run oneDNN on a prepacked copy, ~1.4x faster at 8 rows.
+    Two copies, so twice the memory of the linear weights (`gptlab generate` uses it on CPU; pass
+    pack=False to `prepare_model` to keep plain layers).
+    """
+
+    BATCH_HINT = 8  # oneDNN picks its blocked layout for this many rows
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float().contiguous(), self.BATCH_HINT)
-        self.register_buffer("packed_weight", packed)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        w = weight.detach().float().contiguous()
+        self.register_buffer("weight_t", w.t().contiguous())  # (K, N)
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(w, self.BATCH_HINT))
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, shape[-1]).float(), self.packed_weight, self.bias, "none", [], ""
-        )
+        x2 = x.reshape(-1, shape[-1]).float()
+        if x2.shape[0] == 1:
+            y = torch.addmm(self.bias, x2, self.weight_t)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed_weight, self.bias, "none", [], "")
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float32 (oneDNN packed)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float32 (MKL + oneDNN)"
 
 
 def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
