@@ -255,6 +255,20 @@ def test_gradient_accumulation_and_activation_checkpointing_match_plain(dataset,
         assert max(abs(plain[s] - other[s]) for s in plain) < 1e-5
 
 
+def test_validation_batches_span_the_whole_split(dataset):
+    from gptlab.data.loader import TokenStream
+    from gptlab.train.task import LanguageModelingTask
+
+    task = LanguageModelingTask(dataset[0], 32, eval_batch_size=2, eval_batches=2)
+    stream = TokenStream(dataset[0], split="val", seq_len=32)
+    n = len(stream)
+    batches = task.validation_batches()
+    assert [b[0].shape for b in batches] == [(2, 32), (2, 32)]
+    rows = torch.cat([b[0] for b in batches])
+    expected = stream.chunks([0, n // 4, n // 2, 3 * n // 4])[0]  # evenly spaced, not the first 4
+    assert torch.equal(rows, expected) and n > 8
+
+
 def test_linear_cross_entropy_matches_cross_entropy():
     import torch.nn.functional as F
 

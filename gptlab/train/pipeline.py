@@ -134,6 +134,19 @@ def measure_step_seconds(cfg: TrainConfig, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
+def fastest_threads(cfg: TrainConfig) -> int:
+    """1 or all CPU threads, whichever steps faster now: on a busy machine (shared runners, other jobs)
+    a multi-threaded step waits on its slowest thread and can run several times slower than one."""
+    most = torch.get_num_threads()
+    if most <= 1:
+        return most
+    timed = {
+        n: measure_step_seconds(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=n)), 2)
+        for n in (most, 1)
+    }
+    return min(timed, key=timed.get)
+
+
 def main_job(
     time_limit: float | None = None,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -168,6 +181,8 @@ def main_job(
         cfg = resolve(cfg)
         # Size the run to the time, so the cosine schedule finishes rather than being cut off mid-decay
         # (unless the caller fixed train.max_steps; the time limit still applies).
+        if not d.enabled and cfg.train.threads is None and D.pick_device(cfg.train.device).type == "cpu":
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=fastest_threads(cfg)))
         if _given(overrides, "train.max_steps"):
             steps, step_s = cfg.train.max_steps, None
         else:
@@ -182,7 +197,7 @@ def main_job(
             optim=dataclasses.replace(cfg.optim, warmup_steps=warmup),
         )
         if d.is_main:
-            each = f" (~{step_s:.2f} s each)" if step_s else ""
+            each = f" (~{step_s:.2f} s each, {cfg.train.threads or torch.get_num_threads()} threads)" if step_s else ""
             print(
                 f"train: {steps} steps of {cfg.train.batch_size} x {cfg.data.seq_len} tokens{each} "
                 f"within {time_limit:g} min",
