@@ -10,9 +10,9 @@ matmul FLOP/s of the device (printed for fp32 and bf16), using `ModelConfig.flop
 
 Peers:
   transformers  GPT2LMHeadModel (sdpa attention) with the same shape, torch AdamW, bf16 autocast
-  nanoGPT       a re-implementation of nanoGPT's model.py architecture (Karpathy, MIT; written here
-                from its description, not copied): the same modules and its own optimizer
-                configuration (fused AdamW only on CUDA)
+  nanoGPT       nanoGPT's own model.py when `--nanogpt-dir DIR` points at a checkout of it (loaded from
+                there, never vendored), with its configure_optimizers (fused AdamW only on CUDA);
+                without one, a re-implementation of its architecture written from its description
 """
 
 from __future__ import annotations
@@ -128,8 +128,38 @@ def make_gptlab_plain_loss(c: ModelConfig, compile_model: bool):
     return make_gptlab(c, compile_model, fused_loss=False)
 
 
+NANOGPT_DIR: Path | None = None  # set by --nanogpt-dir
+
+
+def _real_nanogpt(c: ModelConfig, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path / "model.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--nanogpt-dir {path}: no model.py there; point it at a nanoGPT checkout")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    conf = mod.GPTConfig(
+        block_size=c.n_ctx,
+        vocab_size=c.vocab_size,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        dropout=0.0,
+        bias=True,
+    )
+    model = mod.GPT(conf)
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    return model, opt, lambda x, y: model(x, y)[1]
+
+
 def make_nanogpt(c: ModelConfig, compile_model: bool):
     torch.manual_seed(0)
+    if NANOGPT_DIR is not None:
+        model, opt, loss_fn = _real_nanogpt(c, NANOGPT_DIR)
+        if compile_model:
+            model.compile()
+        return model, opt, loss_fn
     model = NanoGPT(c)
     opt = model.configure_optimizers("cpu")
     if compile_model:
@@ -236,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default=",".join(PEERS), help=f"peers: {','.join(PEERS)}")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--nanogpt-dir", type=Path, help="a nanoGPT checkout: benchmark its own model.py")
     p.add_argument("--profile", metavar="SETTING", help="profile one step of this setting and exit")
     p.add_argument("--sequential", action="store_true", help="time each setting on its own, not round-robin")
     args = p.parse_args(argv)
+    global NANOGPT_DIR
+    NANOGPT_DIR = args.nanogpt_dir
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -38,16 +38,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + block]
             ok = valid[start : start + block]
             logits = (h @ weight.t()).float()  # (b, V)
-            lse = torch.logsumexp(logits, dim=1)
             safe_t = t.clamp(min=0)
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # One exp pass serves both the loss and its gradient (the block is memory-bound: a
+            # logsumexp followed by a second exp for the softmax costs two more passes over it).
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: unnormalised softmax
+            norm = probs.sum(dim=1)
+            lse = norm.log() + top.squeeze(1)
             total += torch.where(ok, lse - picked, 0.0).sum()
             if not needs_grad:
                 continue
             # d(sum of losses)/d logits = softmax - one_hot, zero for ignored rows; computed in place.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
-            probs.mul_(ok[:, None])
+            probs.mul_((ok / norm)[:, None])
+            probs.scatter_add_(1, safe_t[:, None], torch.where(ok, -1.0, 0.0)[:, None])
             probs = probs.to(hidden.dtype)
             if grad_hidden is not None:
                 torch.mm(probs, weight, out=grad_hidden[start : start + block])
