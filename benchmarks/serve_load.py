@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 PROMPTS = [
     "def fibonacci(n):",
     "import os\nimport sys\n",

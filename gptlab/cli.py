@@ -372,7 +372,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one)")
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.serve.app import serve

@@ -403,3 +403,9 @@ def test_full_queue_answers_429(model, tiny_tokenizer):
             assert e.value.code == "queue_full"
             engine.delay = 0.0
             assert running.result().usage.completion_tokens == 60 and queued.result().choices
+
+
+def test_cpu_server_leaves_a_core_for_the_event_loop():
+    from gptlab.serve.app import default_threads
+
+    assert [default_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
