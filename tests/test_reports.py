@@ -166,9 +166,7 @@ def test_config_files_as_models(capsys, tmp_path):
     assert code == 0
     rows = json.loads(out)
     assert [r["label"] for r in rows] == ["mine", "gpt2", "hf-gpt2"]
-    assert (
-        rows[0]["params"] == ModelConfig(n_layer=2, n_head=2, n_embd=64, n_ctx=128, vocab_size=300).n_params()
-    )
+    assert rows[0]["params"] == ModelConfig(n_layer=2, n_head=2, n_embd=64, n_ctx=128, vocab_size=300).n_params()
     assert rows[1]["n_layer"] == 6
     assert rows[2]["params"] == GPT2_COUNTS["gpt2"]
 
@@ -337,11 +335,25 @@ def test_example_configs_train_for_equal_tokens():
         seen = 0
         for _ in range(cfg.train.max_steps):  # replay the trainer's batch schedule
             t = cfg.train
-            seen += (
-                batch_size_at(seen, t.batch_size, t.batch_ramp_start, t.batch_ramp_tokens) * cfg.data.seq_len
-            )
+            seen += batch_size_at(seen, t.batch_size, t.batch_ramp_start, t.batch_ramp_tokens) * cfg.data.seq_len
         tokens[name] = seen
     assert budget <= tokens["gpt2"] < budget + 2048 and budget <= tokens["gpt3"] < budget + 2048
     g2, g3 = models["gpt2"], models["gpt3"]
     assert g2.n_params(embeddings=False) == g3.n_params(embeddings=False)
     assert (g2.attn_pattern, g3.attn_pattern) == ("dense", "alternating") and g3.n_ctx == 2 * g2.n_ctx
+
+
+def test_device_names_match_the_accelerator_table():
+    from gptlab.reports import sizing as sz
+
+    names = {
+        "NVIDIA H100 80GB HBM3": "H100",
+        "NVIDIA H100 PCIe": "H100-PCIE",
+        "NVIDIA L40S": "L40S",
+        "NVIDIA L4": "L4",
+        "NVIDIA GeForce RTX 4090": "RTX4090",
+        "NVIDIA A100-SXM4-80GB": "A100",
+    }
+    assert {n: sz.match_device(n).name for n in names} == names
+    assert sz.match_device("Intel Arc A770") is None
+    assert sz.accelerator("h100").peak_flops_fp32 == 67e12

@@ -36,6 +36,8 @@ class Accelerator:
     memory: float
     """Memory capacity, bytes."""
     source: str
+    peak_flops_fp32: float = 0.0
+    """Peak dense fp32 FLOP/s without tensor cores (training MFU in fp32); 0: unknown."""
 
 
 # Vendor datasheets; dense figures (the datasheets' "with sparsity" numbers are twice these).
@@ -43,24 +45,30 @@ ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in (
         # NVIDIA Tesla V100 datasheet (SXM2): 125 TFLOPS fp16 tensor, 900 GB/s HBM2, 32 GB.
-        Accelerator("V100", 125e12, 900e9, 32e9, "NVIDIA V100 datasheet (SXM2, fp16 tensor)"),
+        Accelerator("V100", 125e12, 900e9, 32e9, "NVIDIA V100 datasheet (SXM2, fp16 tensor)", 15.7e12),
         # NVIDIA T4 datasheet: 65 TFLOPS fp16 mixed precision, 320 GB/s GDDR6, 16 GB.
-        Accelerator("T4", 65e12, 320e9, 16e9, "NVIDIA T4 datasheet (fp16 tensor)"),
+        Accelerator("T4", 65e12, 320e9, 16e9, "NVIDIA T4 datasheet (fp16 tensor)", 8.1e12),
         # NVIDIA L4 datasheet: 242 TFLOPS bf16 with sparsity -> 121 dense, 300 GB/s, 24 GB.
-        Accelerator("L4", 121e12, 300e9, 24e9, "NVIDIA L4 datasheet"),
+        Accelerator("L4", 121e12, 300e9, 24e9, "NVIDIA L4 datasheet", 30.3e12),
         # NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: 165.2 TFLOPS bf16 tensor with
         # fp32 accumulate (dense), 1008 GB/s GDDR6X, 24 GB.
-        Accelerator("RTX4090", 165.2e12, 1008e9, 24e9, "NVIDIA Ada Lovelace whitepaper (RTX 4090)"),
+        Accelerator("RTX4090", 165.2e12, 1008e9, 24e9, "NVIDIA Ada Lovelace whitepaper (RTX 4090)", 82.6e12),
         # NVIDIA A100 datasheet: 312 TFLOPS bf16 dense; 40 GB SXM 1555 GB/s, 80 GB SXM 2039 GB/s.
-        Accelerator("A100-40GB", 312e12, 1.555e12, 40e9, "NVIDIA A100 datasheet (40GB SXM)"),
-        Accelerator("A100", 312e12, 2.039e12, 80e9, "NVIDIA A100 datasheet (80GB SXM)"),
+        Accelerator("A100-40GB", 312e12, 1.555e12, 40e9, "NVIDIA A100 datasheet (40GB SXM)", 19.5e12),
+        Accelerator("A100", 312e12, 2.039e12, 80e9, "NVIDIA A100 datasheet (80GB SXM)", 19.5e12),
         # NVIDIA H100 datasheet: SXM 989 TFLOPS bf16 dense, 3.35 TB/s; PCIe 756 TFLOPS, 2.0 TB/s; 80 GB.
-        Accelerator("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 datasheet (SXM)"),
-        Accelerator("H100-PCIE", 756e12, 2.0e12, 80e9, "NVIDIA H100 datasheet (PCIe)"),
+        Accelerator("H100", 989e12, 3.35e12, 80e9, "NVIDIA H100 datasheet (SXM)", 67e12),
+        Accelerator("H100-PCIE", 756e12, 2.0e12, 80e9, "NVIDIA H100 datasheet (PCIe)", 51e12),
         # NVIDIA H200 datasheet (SXM): H100's compute, 141 GB HBM3e at 4.8 TB/s.
-        Accelerator("H200", 989e12, 4.8e12, 141e9, "NVIDIA H200 datasheet (SXM)"),
+        Accelerator("H200", 989e12, 4.8e12, 141e9, "NVIDIA H200 datasheet (SXM)", 67e12),
+        # NVIDIA A10 datasheet (AWS's A10G is its variant): 125 TFLOPS bf16 dense, 31.2 fp32, 600 GB/s, 24 GB.
+        Accelerator("A10G", 125e12, 600e9, 24e9, "NVIDIA A10 datasheet", 31.2e12),
+        # NVIDIA L40S datasheet: 362 TFLOPS bf16 dense, 91.6 fp32, 864 GB/s, 48 GB.
+        Accelerator("L40S", 362e12, 864e9, 48e9, "NVIDIA L40S datasheet", 91.6e12),
+        # NVIDIA Ampere GA102 whitepaper, RTX 3090: 71 TFLOPS bf16 (fp32 accumulate), 35.6 fp32, 936 GB/s.
+        Accelerator("RTX3090", 71e12, 936e9, 24e9, "NVIDIA Ampere GA102 whitepaper (RTX 3090)", 35.6e12),
         # AMD Instinct MI300X datasheet: 1307.4 TFLOPS bf16 dense, 5.3 TB/s, 192 GB.
-        Accelerator("MI300X", 1307.4e12, 5.3e12, 192e9, "AMD Instinct MI300X datasheet"),
+        Accelerator("MI300X", 1307.4e12, 5.3e12, 192e9, "AMD Instinct MI300X datasheet", 163.4e12),
     )
 }
 
@@ -75,6 +83,14 @@ def accelerator(name: str) -> Accelerator:
     if found is None:
         raise ValueError(f"unknown accelerator {name!r}; known: {', '.join(ACCELERATORS)}")
     return found
+
+
+def match_device(device_name: str) -> Accelerator | None:
+    """The accelerator a device name ('NVIDIA H100 80GB HBM3', 'NVIDIA L40S') denotes, or None: the
+    longest table key contained in the name, so 'H100 PCIe' is H100-PCIE and 'L40S' is not L4."""
+    name = _key(device_name)
+    hits = [a for k, a in ACCELERATORS.items() if _key(k) in name]
+    return max(hits, key=lambda a: len(_key(a.name)), default=None)
 
 
 # ---- memory -------------------------------------------------------------------------------------

@@ -14,21 +14,6 @@ import torch.nn.functional as F
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
-# Dense peak FLOP/s per GPU from the vendors' data sheets (no sparsity): (bf16/fp16 tensor core, fp32).
-# fp32 uses TF32 tensor cores where torch allows it; we count the plain fp32 figure to stay conservative.
-GPU_PEAK_FLOPS = {
-    "H200": (989e12, 67e12),
-    "H100": (989e12, 67e12),  # SXM; PCIe: 756e12
-    "A100": (312e12, 19.5e12),
-    "A10G": (125e12, 31.2e12),
-    "L40S": (362e12, 91.6e12),
-    "L4": (121e12, 30.3e12),
-    "RTX 4090": (165e12, 82.6e12),
-    "RTX 3090": (71e12, 35.6e12),
-    "V100": (125e12, 15.7e12),
-    "T4": (65e12, 8.1e12),
-}
-
 
 @functools.cache
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 0.3) -> float:
@@ -58,10 +43,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | Non
     if configured:
         return float(configured)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (half, single) in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return half if dtype in (torch.bfloat16, torch.float16) else single
+        from gptlab.reports.sizing import match_device
+
+        # Datasheet peaks (one table, shared with `gptlab compare`). fp32 counts the plain fp32 figure,
+        # not TF32 tensor cores, to stay conservative.
+        known = match_device(torch.cuda.get_device_name(device))
+        if known is not None:
+            peak = known.peak_flops if dtype in (torch.bfloat16, torch.float16) else known.peak_flops_fp32
+            if peak:
+                return peak
         return measured_matmul_flops(dtype, str(device))
     return measured_matmul_flops(dtype, "cpu")
 
