@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import statistics
 import sys
@@ -128,9 +129,6 @@ def make_gptlab_plain_loss(c: ModelConfig, compile_model: bool):
     return make_gptlab(c, compile_model, fused_loss=False)
 
 
-NANOGPT_DIR: Path | None = None  # set by --nanogpt-dir
-
-
 def _real_nanogpt(c: ModelConfig, path: Path):
     import importlib.util
 
@@ -153,10 +151,10 @@ def _real_nanogpt(c: ModelConfig, path: Path):
     return model, opt, lambda x, y: model(x, y)[1]
 
 
-def make_nanogpt(c: ModelConfig, compile_model: bool):
+def make_nanogpt(c: ModelConfig, compile_model: bool, nanogpt_dir: Path | None = None):
     torch.manual_seed(0)
-    if NANOGPT_DIR is not None:
-        model, opt, loss_fn = _real_nanogpt(c, NANOGPT_DIR)
+    if nanogpt_dir is not None:
+        model, opt, loss_fn = _real_nanogpt(c, nanogpt_dir)
         if compile_model:
             model.compile()
         return model, opt, loss_fn
@@ -270,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="SETTING", help="profile one step of this setting and exit")
     p.add_argument("--sequential", action="store_true", help="time each setting on its own, not round-robin")
     args = p.parse_args(argv)
-    global NANOGPT_DIR
-    NANOGPT_DIR = args.nanogpt_dir
+    if args.nanogpt_dir is not None:
+        MAKERS["nanogpt"] = functools.partial(make_nanogpt, nanogpt_dir=args.nanogpt_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
 

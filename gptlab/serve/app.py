@@ -297,10 +297,12 @@ def serve(
     from gptlab.checkpoint import load_model, load_tokenizer
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    if device == "cpu":
-        torch.set_num_threads(threads or default_threads(torch.get_num_threads()))
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif device == "cpu":
+        torch.set_num_threads(default_threads(torch.get_num_threads()))
     torch_dtype = None
     if dtype is not None:
         torch_dtype = getattr(torch, dtype, None)

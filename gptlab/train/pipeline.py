@@ -134,17 +134,17 @@ def measure_step_seconds(cfg: TrainConfig, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def fastest_threads(cfg: TrainConfig) -> int:
-    """1 or all CPU threads, whichever steps faster now: on a busy machine (shared runners, other jobs)
-    a multi-threaded step waits on its slowest thread and can run several times slower than one."""
+def fastest_threads(cfg: TrainConfig) -> tuple[int, float]:
+    """(threads, seconds per step) for 1 or all CPU threads, whichever steps faster now: on a busy
+    machine (shared runners, other jobs) a multi-threaded step waits on its slowest thread and can run
+    several times slower than one."""
     most = torch.get_num_threads()
-    if most <= 1:
-        return most
     timed = {
-        n: measure_step_seconds(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=n)), 2)
-        for n in (most, 1)
+        n: measure_step_seconds(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=n)))
+        for n in ((most, 1) if most > 1 else (most,))
     }
-    return min(timed, key=timed.get)
+    best = min(timed, key=timed.get)
+    return best, timed[best]
 
 
 def main_job(
@@ -181,12 +181,14 @@ def main_job(
         cfg = resolve(cfg)
         # Size the run to the time, so the cosine schedule finishes rather than being cut off mid-decay
         # (unless the caller fixed train.max_steps; the time limit still applies).
+        measured = None
         if not d.enabled and cfg.train.threads is None and D.pick_device(cfg.train.device).type == "cpu":
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=fastest_threads(cfg)))
+            threads, measured = fastest_threads(cfg)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
         if _given(overrides, "train.max_steps"):
             steps, step_s = cfg.train.max_steps, None
         else:
-            step_s = D.broadcast_object(d, measure_step_seconds(cfg) if d.is_main else None)
+            step_s = measured or D.broadcast_object(d, measure_step_seconds(cfg) if d.is_main else None)
             steps = max(10, int(0.92 * time_limit * 60 / step_s))
         warmup = cfg.optim.warmup_steps
         if not _given(overrides, "optim.warmup_steps"):

@@ -103,19 +103,12 @@ class LanguageModelingTask:
         return batch[0].numel()
 
     def validation_batches(self) -> list[Any]:
-        """`eval_batches` batches of sequences spaced evenly over the whole validation split: the first
-        sequences alone would measure only the first few documents (a data table can read as 2 nats
-        easier than the split's mean)."""
+        """`eval_batches` batches spread evenly over the whole validation split."""
         if self._val is None:
-            self._val = []
-            if self.has_val:
-                from gptlab.data.loader import TokenStream
+            from gptlab.data.loader import validation_batches
 
-                stream = TokenStream(self.dataset_dir, split="val", seq_len=self.seq_len)
-                size, count = self._eval
-                n, want = len(stream), min(len(stream), size * count)
-                chunks = [i * n // want for i in range(want)]
-                self._val = [stream.chunks(chunks[j : j + size]) for j in range(0, want, size)]
+            size, count = self._eval
+            self._val = validation_batches(self.dataset_dir, self.seq_len, size, count) if self.has_val else []
         return self._val
 
     def trainable_parameters(self, model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
