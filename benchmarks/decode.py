@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRECISIONS = ("fp32", "bf16", "int8")
-ENGINES = ("gptlab", "transformers", "ctranslate2")
+ENGINES = ("gptlab", "gptlab-torch", "transformers", "ctranslate2")
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
@@ -58,14 +58,14 @@ def weight_bytes_per_token(config, precision: str) -> int:
 
 
 # ---- engines: each returns {workload: callable} ---------------------------------------------------
-def gptlab_engine(hf_dir: Path, precision: str, compile: bool) -> dict[str, Callable[[], int]]:
+def gptlab_engine(hf_dir: Path, precision: str, compile: bool, kernels: bool = True) -> dict[str, Callable[[], int]]:
     from gptlab.checkpoint import load_model
     from gptlab.decoder import Decoder
     from gptlab.generate import generate_ids, prepare_model
 
     # What `gptlab generate --dtype ... [--quantize int8] [--compile]` runs.
     model = load_model(hf_dir, dtype=torch.bfloat16 if precision == "bf16" else None)
-    prepare_model(model, quantize="int8" if precision == "int8" else None, pack=not compile)
+    prepare_model(model, quantize="int8" if precision == "int8" else None, pack=not compile, kernels=kernels)
 
     def decode(prompts: list[list[int]], new: int) -> Callable[[], int]:
         def run() -> int:
@@ -298,6 +298,8 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
                 variants.append(("gptlab", precision, gptlab_engine(hf_dir, precision, False)))
                 if args.compile and precision != "int8":  # fbgemm's int8 kernels cannot be compiled
                     variants.append(("gptlab+compile", precision, gptlab_engine(hf_dir, precision, True)))
+            elif engine == "gptlab-torch":  # gptlab without its C kernels: torch's matmuls only
+                variants.append(("gptlab-torch", precision, gptlab_engine(hf_dir, precision, False, kernels=False)))
             elif engine == "transformers":
                 variants.append(("transformers", precision, transformers_engine(hf_dir, precision)))
             else:

@@ -371,6 +371,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one)")
 
@@ -386,6 +387,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
             max_concurrent=args.max_concurrent, max_queue=args.max_queue, device=args.device,
             dtype=args.dtype, limits=limits, log_level=args.log_level, threads=args.threads,
+            quantize=args.quantize,
         )
         return 0
 

@@ -385,18 +385,25 @@ def load_for_generation(
     return prepare_model(model, quantize=quantize, pack=pack), load_tokenizer(tokenizer or checkpoint)
 
 
-def prepare_model(model: GPT, *, quantize: str | None = None, pack: bool = True) -> GPT:
+def prepare_model(model: GPT, *, quantize: str | None = None, pack: bool = True, kernels: bool = True) -> GPT:
     """Swap a CPU model's linear layers for faster kernels (see `gptlab.quantize`), in place.
 
-    float32: weights prepacked for oneDNN. bfloat16 without native bf16 matmuls: the bf16 weights in
-    fbgemm's half-precision GEMM, float32 activations. quantize='int8': int8 weights, float32
-    activations. `compile=True` needs the plain layers: pass pack=False (int8 cannot be compiled).
+    Where `gptlab.cpu_kernels` builds (a C compiler and AVX2): float32, bfloat16 or (quantize='int8')
+    int8 weights on gptlab's few-row kernels, float32 activations. Elsewhere: float32 weights
+    prepacked for oneDNN; bfloat16 without native bf16 matmuls in fbgemm's half-precision GEMM;
+    int8 in fbgemm's dynamic int8 GEMM. `compile=True` needs the plain layers: pass pack=False (int8
+    cannot be compiled). kernels=False: torch's kernels even where gptlab's build (for comparison).
     """
-    from gptlab.quantize import pack_float32, pack_half, quantize_int8
+    from gptlab import cpu_kernels
+    from gptlab.quantize import STORAGE, pack_float32, pack_half, quantize_int8, use_cpu_kernels
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
     weight = model.transformer.wte.weight
+    if pack and weight.device.type == "cpu":
+        storage = "int8" if quantize == "int8" else {v: k for k, v in STORAGE.items()}.get(weight.dtype)
+        if storage is not None and kernels and cpu_kernels.available():
+            return use_cpu_kernels(model, storage)
     if quantize == "int8":
         quantize_int8(model).float()
     elif pack and weight.device.type == "cpu":

@@ -1,4 +1,10 @@
-"""Fast CPU linear layers (float32 prepacked, bf16 as packed half precision, int8), applied from outside.
+"""Fast CPU linear layers for inference, applied from outside the model.
+
+`use_cpu_kernels` (what `gptlab generate` and `gptlab serve` use on CPU where gptlab's C kernels build,
+see `gptlab.cpu_kernels`) stores each weight once as float32, bfloat16 or int8 (`KernelLinear`): up to
+16 activation rows (decoding) run on kernels that stream each weight row once; more rows (prefill)
+run torch's GEMM on the dequantised weight. The classes below are the fallbacks built from torch's
+own kernels, for machines where the C kernels do not build, and the int8 modes for `quantize_int8`.
 
 `quantize_int8` quantises weights symmetrically per output channel (scale = max|w| / 127). Two kernels:
 - "dynamic" (default): fbgemm's dynamic int8 GEMM; each call quantises its input to 8 bits per
@@ -31,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptlab import cpu_kernels
 from gptlab.model import GPT
 
 MODES = ("dynamic", "weight")
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,6 +158,47 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float32 (MKL + oneDNN)"
 
 
+class KernelLinear(nn.Module):
+    """A drop-in `nn.Linear` replacement for CPU inference on `gptlab.cpu_kernels`' few-row kernels.
+
+    The weight is stored once, (N, K), as float32, bfloat16 or int8 with a float32 scale per output
+    row (int8 is then weight-only: activations stay float32). Up to `cpu_kernels.MAX_ROWS` rows
+    (decoding) go through the kernels, which read each weight once; more rows (prefill) dequantise
+    the weight and run torch's GEMM, which is compute-bound there, so the conversion is cheap.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, storage: str = "float32") -> None:
+        super().__init__()
+        if storage not in STORAGE:
+            raise ValueError(f"storage must be one of {list(STORAGE)}, got {storage!r}")
+        self.storage = storage
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach()
+        if storage == "int8":
+            w, scale = quantize_weight(w)
+        else:
+            w, scale = w.to(STORAGE[storage]).contiguous().clone(), None
+        self.register_buffer("weight", w)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())
+
+    def dequantized(self) -> Tensor:
+        w = self.weight.float()
+        return w * self.scale[:, None] if self.scale is not None else w
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] <= cpu_kernels.MAX_ROWS:
+            y = cpu_kernels.linear(x2, self.weight, self.scale, self.bias)
+        else:
+            y = F.linear(x2.float(), self.dequantized(), self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.storage} (gptlab)"
+
+
 def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
     """Float matmul with the dequantised weight: what the int8 kernels approximate (tests)."""
     return F.linear(x.float(), layer.dequantized(), layer.bias)
@@ -200,4 +249,15 @@ def quantize_int8(model: GPT, mode: str = "dynamic", head: bool = True) -> GPT:
         raise ValueError(f"--quantize int8 mode must be one of {list(MODES)}, got {mode!r}")
     _swap_linears(model, lambda w, b: Int8Linear(w, b, mode), head)
     model.quantized = mode  # marks the model for reports; GPT.logits calls lm_head as a module
+    return model.eval()
+
+
+@torch.no_grad()
+def use_cpu_kernels(model: GPT, storage: str) -> GPT:
+    """Run the model's linear layers and output head on `KernelLinear` with weights stored as
+    `storage` (float32, bfloat16 or int8); everything else float32. In place; returns the model.
+    Inference only. Call only where `cpu_kernels.available()`."""
+    _swap_linears(model, lambda w, b: KernelLinear(w, b, storage), head=True)
+    model.float()
+    model.quantized = f"{storage}-kernels"
     return model.eval()

@@ -409,3 +409,32 @@ def test_cpu_server_leaves_a_core_for_the_event_loop():
     from gptlab.serve.app import default_threads
 
     assert [default_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+
+
+# ---- the serve command ---------------------------------------------------------------------------
+def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch, model, tiny_tokenizer):
+    import copy
+
+    import uvicorn
+
+    from gptlab import cpu_kernels
+    from gptlab.checkpoint import save_model
+    from gptlab.serve.app import serve
+
+    save_model(copy.deepcopy(model), tmp_path / "ckpt", tiny_tokenizer)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    threads = torch.get_num_threads()
+    try:
+        serve(tmp_path / "ckpt", threads=threads, quantize=None)
+    finally:
+        torch.set_num_threads(threads)
+    app = served["app"]
+    kinds = {type(m).__name__ for m in app.state.server.engine.model.modules()}
+    assert ("KernelLinear" in kinds) == cpu_kernels.available()
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        r = client.completions.create(model="ckpt", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    assert r.choices[0].text == reference(model, tiny_tokenizer, PROMPTS[1], 10)[0].text
+    with pytest.raises(ValueError, match="runs on CPU"):
+        serve(tmp_path / "ckpt", device="meta", quantize="int8")

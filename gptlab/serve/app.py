@@ -288,13 +288,16 @@ def serve(
     limits: ServerLimits | None = None,
     log_level: str = "info",
     threads: int | None = None,
+    quantize: str | None = None,
 ) -> None:
-    """Load `checkpoint` (and its tokenizer) and serve it with uvicorn until interrupted."""
+    """Load `checkpoint` (and its tokenizer) and serve it with uvicorn until interrupted. On CPU the
+    linear layers run on gptlab's decoding kernels (`generate.prepare_model`; quantize='int8': int8)."""
     _import_fastapi()
     import torch
     import uvicorn
 
     from gptlab.checkpoint import load_model, load_tokenizer
+    from gptlab.generate import prepare_model
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if threads is not None:
@@ -309,6 +312,10 @@ def serve(
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     model = load_model(checkpoint, device=device, dtype=torch_dtype)
+    if quantize is not None and device != "cpu":
+        raise ValueError(f"--quantize {quantize} runs on CPU; drop it or use --device cpu")
+    if device == "cpu":
+        prepare_model(model, quantize=quantize)
     tokenizer = load_tokenizer(checkpoint)
     name = model_name or os.path.basename(os.path.normpath(str(checkpoint)))
     app = create_app(

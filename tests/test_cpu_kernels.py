@@ -1,0 +1,140 @@
+"""The few-row C kernels against torch's matmul, their fallback, and decoding through them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gptlab import cpu_kernels
+from gptlab.generate import generate_ids, prepare_model
+from gptlab.quantize import KernelLinear, PackedLinear, quantize_weight
+from tests.test_generate import greedy_recompute, peaked_model
+
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason="gptlab's CPU kernels did not build here (no C compiler or no AVX2)"
+)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, scale=None, bias=None) -> torch.Tensor:
+    w = weight.double() * (scale.double()[:, None] if scale is not None else 1)
+    y = x.double() @ w.t()
+    return (y + bias.double() if bias is not None else y).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16])
+@pytest.mark.parametrize("shape", [(7, 13), (10, 8), (1001, 768)])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_kernel_equals_matmul(rows, shape, kind):
+    torch.manual_seed(rows)
+    N, K = shape
+    x, w, bias = torch.randn(rows, K), torch.randn(N, K), torch.randn(N)
+    scale = None
+    if kind == "int8":
+        w, scale = quantize_weight(w)
+    else:
+        w = w.to(getattr(torch, kind))
+    got = cpu_kernels.linear(x, w, scale, bias)
+    # fp32 accumulation in a different order than float64: error grows like sqrt(K)
+    torch.testing.assert_close(got, reference(x, w, scale, bias), atol=1e-5 * K**0.5 * 4, rtol=1e-5)
+    torch.testing.assert_close(cpu_kernels.linear(x, w, scale), reference(x, w, scale), atol=2e-4, rtol=1e-5)
+
+
+@needs_kernels
+def test_kernel_same_result_for_any_thread_count():
+    x, w = torch.randn(3, 256), torch.randn(1001, 256)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(cpu_kernels.linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    # each output is one thread's dot product, so the split cannot change a bit
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_kernels
+def test_kernel_rejects_bad_arguments():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_kernels.linear(x, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="weights must be one of"):
+        cpu_kernels.linear(x, torch.randn(4, 8).half())
+    with pytest.raises(ValueError, match="per-row scale"):
+        cpu_kernels.linear(x, torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu_kernels.linear(x, torch.randn(4, 8), bias=torch.randn(5))
+
+
+@needs_kernels
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_kernel_linear_few_and_many_rows_agree(storage):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = KernelLinear(linear.weight, linear.bias, storage)
+    x = torch.randn(2, 20, 64)  # 40 rows: torch's GEMM on the dequantised weight
+    many = layer(x)
+    few = torch.cat([layer(x[:, i : i + 1]) for i in range(20)], dim=1)  # 2 rows at a time: the kernel
+    torch.testing.assert_close(few, many, atol=1e-5, rtol=1e-5)
+    exact = torch.nn.functional.linear(x, layer.dequantized(), linear.bias)
+    torch.testing.assert_close(many, exact, atol=1e-5, rtol=1e-5)
+    if storage == "float32":
+        torch.testing.assert_close(few, linear(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern", ["dense", "alternating"])
+def test_decoding_on_kernels_equals_float_recompute(pattern):
+    model = peaked_model(attn_pattern=pattern, local_window=4)
+    prompts = [[1, 2, 3, 4], [5]]
+    want = [greedy_recompute(model, p, 10) for p in prompts]
+    prepare_model(model)
+    assert isinstance(model.lm_head, KernelLinear) and model.quantized == "float32-kernels"
+    assert generate_ids(model, prompts, max_new_tokens=10, temperature=0) == want
+
+
+@needs_kernels
+def test_bfloat16_and_int8_on_kernels_decode_like_their_float_weights():
+    model = peaked_model().to(torch.bfloat16)
+    reference_model = copy.deepcopy(model).float()  # the same bf16 weights, in float32
+    prompts = [[1, 2, 3, 4], [5]]
+    prepare_model(model)
+    assert model.quantized == "bfloat16-kernels" and model.transformer.wte.weight.dtype == torch.float32
+    assert generate_ids(model, prompts, max_new_tokens=8, temperature=0) == generate_ids(
+        reference_model, prompts, max_new_tokens=8, temperature=0
+    )
+    int8 = prepare_model(peaked_model(), quantize="int8")
+    assert int8.quantized == "int8-kernels" and int8.lm_head.weight.dtype == torch.int8
+    # the recompute runs the same int8 layers without the cache (prefill path: dequantised GEMM)
+    assert generate_ids(int8, prompts, max_new_tokens=8, temperature=0) == [
+        greedy_recompute(int8, p, 8) for p in prompts
+    ]
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    cpu_kernels._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="kernels unavailable.*no C compiler"):
+            assert not cpu_kernels.available()
+        model = prepare_model(peaked_model())
+        assert isinstance(model.lm_head, PackedLinear) or not torch.backends.mkldnn.is_available()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cpu_kernels.linear(torch.randn(1, 8), torch.randn(4, 8))
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+def test_build_is_cached_and_atomic(tmp_path):
+    try:
+        path = cpu_kernels.build(tmp_path)
+    except RuntimeError as e:
+        pytest.skip(f"no kernels here: {e}")
+    stamp = path.stat().st_mtime_ns
+    assert cpu_kernels.build(tmp_path) == path and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
