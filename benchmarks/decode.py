@@ -5,6 +5,9 @@ format; gptlab loads that directory, transformers loads it, and CTranslate2 conv
 Workloads: a 32-token prompt then 128 greedy tokens at batch 1 and batch 8, and time to first
 token after a 1023-token prompt (the "1024 prefill"). Every configuration runs once untimed, then
 `--runs` times interleaved with the others (so a noisy neighbour hits all alike); we report medians.
+Each engine runs in a process of its own, one after another (`--in-process` puts them all in one):
+CTranslate2 brings its own OpenMP runtime, whose threads, once it has run, slowed gptlab and torch
+in the same process by a fifth to a third here.
 
 Batch-1 decoding reads every weight once per token, so it cannot beat bandwidth / weight bytes per
 token; the table gives each engine's fraction of that bound, the bandwidth measured here with a large
@@ -177,7 +180,8 @@ def quality(checkpoint: Path, data: Path | None, max_tokens: int = 8192) -> list
     import numpy as np
 
     from gptlab.checkpoint import load_model, load_tokenizer
-    from gptlab.quantize import pack_half, quantize_int8
+    from gptlab.generate import prepare_model
+    from gptlab.quantize import quantize_int8
 
     config = load_model(checkpoint).config
     if data is not None and data.suffix == ".bin":
@@ -195,14 +199,15 @@ def quality(checkpoint: Path, data: Path | None, max_tokens: int = 8192) -> list
     if len(windows) == 0:
         raise ValueError(f"need at least {T} tokens of held-out data, got {len(ids)}")
     rows, ref_top = [], None
+    # The layers `gptlab generate` runs (prepare_model). Its int8 layers run fbgemm's dynamic int8 GEMM
+    # on windows of many rows, as here, and the weight-only kernel on 1-2 rows (decoding at batch 1),
+    # whose quality is that of torch's weight-only int8 GEMM on the same int8 values.
     for precision in ("fp32", "bf16", "int8", "int8-weight-only"):
         model = load_model(checkpoint, dtype=torch.bfloat16 if precision == "bf16" else None)
-        if precision == "int8":
-            quantize_int8(model)
-        elif precision == "int8-weight-only":
+        if precision == "int8-weight-only":
             quantize_int8(model, mode="weight")
-        elif precision == "bf16":
-            pack_half(model)
+        elif precision != "fp32":
+            prepare_model(model, quantize="int8" if precision == "int8" else None)
         nll, top = [], []
         with torch.inference_mode():
             for w in windows:
@@ -258,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 run, 32 new tokens, 256 prefill")
     p.add_argument("--layers", type=int, default=12, help="fewer blocks for a smoke test (GPT-2 124M: 12)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--in-process", action="store_true",
+        help="time all engines in one process (default: one process per engine; see the module docstring)",
+    )
+    p.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # a worker: the parent's HF directory
+    p.add_argument("--bandwidth", type=float, default=None, help=argparse.SUPPRESS)  # a worker: the parent's figure
     p.add_argument("--quality", action="store_true", help="also: perplexity at each precision")
     p.add_argument("--quality-only", action="store_true", help="only the perplexity comparison")
     p.add_argument("--quality-checkpoint", default=None, help="trained checkpoint (default: the random weights)")
@@ -269,10 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if not (args.quality_only and args.quality_checkpoint):
+        if args.weights:
+            (work / "hf").symlink_to(Path(args.weights).resolve())
+        elif not (args.quality_only and args.quality_checkpoint):
             make_weights(work / "hf", args.layers)
         if not args.quality_only:
-            speed(work, args)
+            if args.in_process or len(args.engines) == 1:
+                speed(work, args)
+            else:
+                speed_isolated(work, args)
         if args.quality or args.quality_only:
             checkpoint = Path(args.quality_checkpoint) if args.quality_checkpoint else work / "hf"
             print()
@@ -280,11 +296,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def speed_isolated(work: Path, args: argparse.Namespace) -> list[dict]:
+    """`speed` for one engine at a time, each in a fresh process on the same weights; one table."""
+    import subprocess
+
+    bandwidth = measure_bandwidth()
+    print(f"threads {args.threads}, memory bandwidth {bandwidth:.1f} GB/s (copy: read + write)", file=sys.stderr)
+    results = []
+    for engine in args.engines:
+        out = work / f"{engine}.json"
+        cmd = [sys.executable, __file__, "--engines", engine, "--precisions", *args.precisions]
+        cmd += ["--weights", str(work / "hf"), "--bandwidth", str(bandwidth), "--json", str(out)]
+        for flag in ("threads", "runs", "max_seconds", "new_tokens", "prompt_tokens", "batch", "prefill", "layers"):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        cmd += ["--compile"] if args.compile else []
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        results += json.loads(out.read_text())["results"]
+    order = {(e, p): i for i, (p, e) in enumerate((p, e) for p in args.precisions for e in args.engines)}
+    results.sort(key=lambda r: order.get((r["engine"].split("+")[0], r["precision"]), len(order)))
+    print(markdown(results, args.batch, bandwidth, args))
+    if args.json:
+        summary = dict(bandwidth_gbs=bandwidth, threads=args.threads, results=results)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return results
+
+
 def speed(work: Path, args: argparse.Namespace) -> list[dict]:
     """Time every engine x precision x workload; print the markdown table."""
     from gptlab.checkpoint import load_model
 
-    bandwidth = measure_bandwidth()
+    bandwidth = args.bandwidth or measure_bandwidth()
     print(f"threads {args.threads}, memory bandwidth {bandwidth:.1f} GB/s (copy: read + write)", file=sys.stderr)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 50000, (args.batch, args.prompt_tokens), generator=gen).tolist()

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_ROWS = 16
-"""Activation rows up to which the kernels beat oneDNN / MKL (measured on AVX2: see quantize.py)."""
+"""Most activation rows per call: on AVX2 the float32 kernel ties oneDNN's prepacked GEMM at 16 rows
+(1.4x ahead at 1 row) and the bfloat16 one stays ahead of fbgemm's fp16 GEMM; beyond, GEMMs win."""
 KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
 
 
@@ -88,11 +89,12 @@ def _library() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as e:
         warnings.warn(f"fast CPU decoding kernels unavailable, using torch's matmuls: {e}", stacklevel=3)
         return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
     for kind in KINDS.values():
         fn = getattr(lib, f"gl_linear_{kind}")
         fn.restype = None
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, i64, i64, p, i64, p, p, p, ctypes.c_int]
+        workspace = [p] if kind == "i8" else []  # int16 copy of the activations
+        fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     return lib
 
 
@@ -102,40 +104,51 @@ def available() -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """x (M, K) float32 @ weight (N, K).T * scale + bias -> (M, N) float32, for small M on CPU.
+    """x (M, K) float32 @ weight (N, K).T * scale + bias -> (M, N) float32, for M <= MAX_ROWS on CPU.
 
     weight: float32, bfloat16 or int8 (then `scale`, float32 (N,), is the per-row dequantisation
     scale). Contiguous CPU tensors only; call `available()` first.
     """
-    lib = _library()
-    if lib is None:
+    if _library() is None:
         raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
+    check(weight, scale, bias)
+    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match a weight of shape {tuple(weight.shape)}")
+    if x.shape[0] > MAX_ROWS:
+        raise ValueError(f"the kernels take at most {MAX_ROWS} rows, got {x.shape[0]}; use a GEMM for more")
+    return call(x.contiguous().float(), weight, scale, bias)
+
+
+def check(weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
+    """Raise ValueError unless (weight, scale, bias) is something the kernels take."""
     kind = KINDS.get(weight.dtype)
     if kind is None:
         raise ValueError(f"weights must be one of {[str(d) for d in KINDS]}, got {weight.dtype}")
-    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not match a weight of shape {tuple(weight.shape)}")
     if (kind == "i8") != (scale is not None):
         raise ValueError("int8 weights need a per-row scale, and only int8 weights take one")
-    x = x.contiguous().float()
-    if not weight.is_contiguous():
-        raise ValueError("the weight must be contiguous (N, K)")
-    M, K = x.shape
+    if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+        raise ValueError("the weight must be a contiguous (N, K) CPU tensor")
     N = weight.shape[0]
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and (t.dtype != torch.float32 or t.shape != (N,) or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 tensor of shape ({N},)")
+
+
+def call(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """`linear` without its checks, for layers that ran `check` once (a decode step makes ~50 calls,
+    so microseconds count): x a contiguous float32 (M <= MAX_ROWS, K) tensor."""
+    M, K = x.shape
+    N = weight.shape[0]
     y = torch.empty(M, N)
-    fn = getattr(lib, f"gl_linear_{kind}")
-    fn(
-        x.data_ptr(),
-        M,
-        K,
-        weight.data_ptr(),
-        N,
-        None if scale is None else scale.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
+    threads = torch.get_num_threads()
+    if scale is None:
+        fn = _library().gl_linear_f32 if weight.dtype == torch.float32 else _library().gl_linear_bf16
+        b = None if bias is None else bias.data_ptr()
+        fn(x.data_ptr(), M, K, weight.data_ptr(), N, None, b, y.data_ptr(), threads)
+    else:
+        xq = torch.empty(M, K, dtype=torch.int16)  # the kernel's int16 copy of x; alive until it returns
+        b = None if bias is None else bias.data_ptr()
+        _library().gl_linear_i8(
+            x.data_ptr(), M, K, weight.data_ptr(), N, scale.data_ptr(), b, y.data_ptr(), xq.data_ptr(), threads
+        )
     return y

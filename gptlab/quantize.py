@@ -161,11 +161,16 @@ class PackedLinear(nn.Module):
 class KernelLinear(nn.Module):
     """A drop-in `nn.Linear` replacement for CPU inference on `gptlab.cpu_kernels`' few-row kernels.
 
-    The weight is stored once, (N, K), as float32, bfloat16 or int8 with a float32 scale per output
-    row (int8 is then weight-only: activations stay float32). Up to `cpu_kernels.MAX_ROWS` rows
-    (decoding) go through the kernels, which read each weight once; more rows (prefill) dequantise
-    the weight and run torch's GEMM, which is compute-bound there, so the conversion is cheap.
+    The weight is stored (N, K) as float32, bfloat16 or int8 with a float32 scale per output row.
+    float32 / bfloat16: up to `cpu_kernels.MAX_ROWS` rows (decoding) go through the kernels, which
+    read each weight once; more rows (prefill) run torch's GEMM on the weight converted to float32,
+    which is compute-bound there, so the conversion is cheap. int8: the kernel (weight-only,
+    float activations) up to `INT8_KERNEL_ROWS` rows, where reading the weight is the cost; from
+    there on fbgemm's dynamic int8 GEMM (`Int8Linear`, on the same int8 values), whose int8 x int8
+    products need fewer instructions than the kernel's int16 ones once compute dominates.
     """
+
+    INT8_KERNEL_ROWS = 2  # measured on AVX2 (benchmarks/decode.py): kernel 1.14x at 1 row, fbgemm 1.5x at 8
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, storage: str = "float32") -> None:
         super().__init__()
@@ -173,14 +178,19 @@ class KernelLinear(nn.Module):
             raise ValueError(f"storage must be one of {list(STORAGE)}, got {storage!r}")
         self.storage = storage
         self.out_features, self.in_features = weight.shape
+        self.kernel_rows = cpu_kernels.MAX_ROWS
+        self.dynamic: Int8Linear | None = None
         w = weight.detach()
         if storage == "int8":
-            w, scale = quantize_weight(w)
+            self.dynamic = Int8Linear(w, bias, "dynamic")  # quantises w; its int8 values serve both paths
+            w, scale = self.dynamic.weight_int8, self.dynamic.scale
+            self.kernel_rows = self.INT8_KERNEL_ROWS
         else:
             w, scale = w.to(STORAGE[storage]).contiguous().clone(), None
         self.register_buffer("weight", w)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())
+        cpu_kernels.check(self.weight, self.scale, self.bias)
 
     def dequantized(self) -> Tensor:
         w = self.weight.float()
@@ -188,12 +198,14 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= cpu_kernels.MAX_ROWS:
-            y = cpu_kernels.linear(x2, self.weight, self.scale, self.bias)
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        if x2.shape[0] <= self.kernel_rows:
+            y = cpu_kernels.call(x2, self.weight, self.scale, self.bias)
+        elif self.dynamic is not None:
+            y = self.dynamic(x2)
         else:
-            y = F.linear(x2.float(), self.dequantized(), self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+            y = F.linear(x2, self.dequantized(), self.bias)
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.storage} (gptlab)"
@@ -257,7 +269,7 @@ def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     """Run the model's linear layers and output head on `KernelLinear` with weights stored as
     `storage` (float32, bfloat16 or int8); everything else float32. In place; returns the model.
     Inference only. Call only where `cpu_kernels.available()`."""
+    model.float()  # first: float() would also convert the bfloat16 weights the layers store
     _swap_linears(model, lambda w, b: KernelLinear(w, b, storage), head=True)
-    model.float()
     model.quantized = f"{storage}-kernels"
     return model.eval()

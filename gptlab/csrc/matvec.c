@@ -14,6 +14,16 @@
 #include <stdint.h>
 
 #define MB_MAX 4 /* activation rows per register tile */
+/* Software prefetch distance in bytes. A tile's weight rows are short streams (768 int8 weights are
+ * 12 cache lines), too short for the hardware prefetcher to ramp up on, so each tile prefetches the
+ * memory this far beyond what it is reading, at the rate it reads. */
+#ifndef PF_DIST
+#define PF_DIST 8192
+#endif
+
+static inline __attribute__((always_inline)) void prefetch_ahead(const char *p, int lines) {
+    for (int i = 0; i < lines; i++) _mm_prefetch(p + PF_DIST + 64 * i, _MM_HINT_T0);
+}
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -28,21 +38,16 @@ static inline __m256 load8_bf16(const void *w, int64_t k) {
     __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
-static inline __m256 load8_i8(const void *w, int64_t k) {
-    __m128i v = _mm_loadl_epi64((const __m128i *)((const int8_t *)w + k));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-}
 static inline float load1_f32(const void *w, int64_t k) { return ((const float *)w)[k]; }
 static inline float load1_bf16(const void *w, int64_t k) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)((const uint16_t *)w)[k] << 16};
     return c.f;
 }
-static inline float load1_i8(const void *w, int64_t k) { return (float)((const int8_t *)w)[k]; }
 
 /* One tile: MB activation rows (m0..) against R weight rows (n0..). MB and R are compile-time
  * constants at every call site, so the accumulators live in registers (MB * R <= 8 of the 16). */
 #define DEFINE_TILE(T, ELEM)                                                                            \
-    static inline void tile_##T(const float *x, int64_t K, const char *W, int64_t n0, int64_t N,        \
+    static inline __attribute__((always_inline)) void tile_##T(const float *x, int64_t K, const char *W, int64_t n0, int64_t N,        \
                                 const float *scale, const float *bias, float *y, int64_t m0, int MB,    \
                                 int R) {                                                                \
         __m256 acc[MB_MAX][4];                                                                          \
@@ -54,6 +59,7 @@ static inline float load1_i8(const void *w, int64_t k) { return (float)((const i
         int64_t k = 0;                                                                                  \
         for (; k + 8 <= K; k += 8) {                                                                    \
             __m256 w[4];                                                                                \
+            prefetch_ahead(rows[0] + R * (ELEM) * k, (R * (ELEM) * 8 + 63) / 64);                       \
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = load8_##T(rows[r], k);           \
             _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                      \
                 __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);                                      \
@@ -75,7 +81,6 @@ static inline float load1_i8(const void *w, int64_t k) { return (float)((const i
 
 DEFINE_TILE(f32, 4)
 DEFINE_TILE(bf16, 2)
-DEFINE_TILE(i8, 1)
 
 /* Every activation row against weight rows [n0, n1): R rows at a time, so each weight row is read
  * from memory once and then reused, from L1, by the next groups of MB_MAX activation rows. */
@@ -102,7 +107,6 @@ DEFINE_TILE(i8, 1)
 
 DEFINE_RANGE(f32)
 DEFINE_RANGE(bf16)
-DEFINE_RANGE(i8)
 
 /* Split N into `threads` contiguous, 4-aligned ranges (whole tiles, and every thread streams its
  * own part of W). */
@@ -120,7 +124,103 @@ DEFINE_RANGE(i8)
 
 DEFINE_ENTRY(f32)
 DEFINE_ENTRY(bf16)
-DEFINE_ENTRY(i8)
+
+/* int8 weights: integer dot products. Each activation row is first rounded to int16 with its own
+ * scale (13 bits of magnitude: a relative error of ~1e-4, far below the int8 weights' ~4e-3, so this
+ * stays weight-only quantisation in effect). Then 16 weights at a time: sign-extend to int16 and
+ * multiply-add pairs into int32 (vpmaddwd), a third of the instructions per weight of converting
+ * int8 to float. |x| <= 8191 and |w| <= 127 keep a pair below 2^21; int32 sums are moved into float
+ * every QCHUNK weights (64 pairs per lane: < 2^27), so they cannot overflow for any K. */
+#define XQ_MAX 8191.0f
+#define QCHUNK 1024
+
+static inline __attribute__((always_inline)) void tile_q8(const int16_t *xq, const float *xs, int64_t K,
+                                                          const int8_t *W, int64_t n0, int64_t N,
+                                                          const float *scale, const float *bias, float *y,
+                                                          int64_t m0, int MB, int R) {
+    __m256 acc[MB_MAX][4];
+    const int8_t *rows[4];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+        rows[r] = W + (n0 + r) * K;
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();
+    }
+    int64_t k = 0;
+    while (k + 16 <= K) {
+        int64_t stop = k + QCHUNK < K ? k + QCHUNK : K;
+        __m256i isum[MB_MAX][4];
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++)
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) isum[m][r] = _mm256_setzero_si256();
+        for (; k + 16 <= stop; k += 16) {
+            __m256i w[4];
+            prefetch_ahead((const char *)rows[0] + R * k, (R * 16 + 63) / 64);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                w[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k)));
+            _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (m0 + m) * K + k));
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                    isum[m][r] = _mm256_add_epi32(isum[m][r], _mm256_madd_epi16(xv, w[r]));
+            }
+        }
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++)
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_cvtepi32_ps(isum[m][r]));
+    }
+    _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            float s = hsum(acc[m][r]);
+            for (int64_t j = k; j < K; j++) s += (float)xq[(m0 + m) * K + j] * (float)rows[r][j];
+            int64_t n = n0 + r;
+            s *= xs[m0 + m] * scale[n];
+            if (bias) s += bias[n];
+            y[(m0 + m) * N + n] = s;
+        }
+    }
+}
+
+static void range_q8(const int16_t *xq, const float *xs, int64_t M, int64_t K, const int8_t *W, int64_t n0,
+                     int64_t n1, int64_t N, const float *scale, const float *bias, float *y) {
+    int64_t n = n0;
+    for (; n + 4 <= n1 && M == 1; n += 4) tile_q8(xq, xs, K, W, n, N, scale, bias, y, 0, 1, 4);
+    for (; n + 2 <= n1; n += 2) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 4, 2);
+        switch (M - m) {
+        case 3: tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 3, 2); break;
+        case 2: tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 2, 2); break;
+        case 1: tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 1, 2); break;
+        }
+    }
+    for (; n < n1; n++) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 4, 1);
+        for (; m < M; m++) tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 1, 1);
+    }
+}
+
+/* xq: caller-provided (M, K) int16 workspace. */
+void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N, const float *scale,
+                  const float *bias, float *y, int16_t *xq, int threads) {
+    if (threads < 1) threads = 1;
+    float xs[MB_MAX * 64];
+    if (M > MB_MAX * 64) return; /* the Python side never sends more than a few rows */
+    for (int64_t m = 0; m < M; m++) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            float a = x[m * K + k] < 0 ? -x[m * K + k] : x[m * K + k];
+            amax = a > amax ? a : amax;
+        }
+        float s = amax > 0 ? amax / XQ_MAX : 1.0f;
+        xs[m] = s;
+        float inv = 1.0f / s;
+        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)__builtin_lrintf(x[m * K + k] * inv);
+    }
+    int64_t chunk = ((N + threads - 1) / threads + 3) / 4 * 4;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) {
+        int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        if (n0 < n1) range_q8(xq, xs, M, K, (const int8_t *)W, n0, n1, N, scale, bias, y);
+    }
+}
 
 /* Lets the loader check the ABI it compiled against. */
-int gl_abi_version(void) { return 1; }
+int gl_abi_version(void) { return 2; }
