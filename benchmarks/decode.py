@@ -314,11 +314,7 @@ def speed_isolated(work: Path, args: argparse.Namespace) -> list[dict]:
         results += json.loads(out.read_text())["results"]
     order = {(e, p): i for i, (p, e) in enumerate((p, e) for p in args.precisions for e in args.engines)}
     results.sort(key=lambda r: order.get((r["engine"].split("+")[0], r["precision"]), len(order)))
-    print(markdown(results, args.batch, bandwidth, args))
-    if args.json:
-        summary = dict(bandwidth_gbs=bandwidth, threads=args.threads, results=results)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return results
+    return report(results, bandwidth, args)
 
 
 def speed(work: Path, args: argparse.Namespace) -> list[dict]:
@@ -375,6 +371,11 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
         med = {n: statistics.median(v) for (e, p, n), v in rates.items() if (e, p) == (label, precision)}
         bound = bandwidth * 1e9 / weight_bytes_per_token(config, precision)
         results.append(dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=med["b1"] / bound))
+    return report(results, bandwidth, args)
+
+
+def report(results: list[dict], bandwidth: float, args: argparse.Namespace) -> list[dict]:
+    """Print the table; with --json also write the results (a worker's output to its parent)."""
     print(markdown(results, args.batch, bandwidth, args))
     if args.json:
         summary = dict(bandwidth_gbs=bandwidth, threads=args.threads, results=results)

@@ -155,14 +155,13 @@ def make_nanogpt(c: ModelConfig, compile_model: bool, nanogpt_dir: Path | None =
     torch.manual_seed(0)
     if nanogpt_dir is not None:
         model, opt, loss_fn = _real_nanogpt(c, nanogpt_dir)
-        if compile_model:
-            model.compile()
-        return model, opt, loss_fn
-    model = NanoGPT(c)
-    opt = model.configure_optimizers("cpu")
+    else:
+        model = NanoGPT(c)
+        opt = model.configure_optimizers("cpu")
+        loss_fn = lambda x, y: model(x, y)
     if compile_model:
         model.compile()
-    return model, opt, lambda x, y: model(x, y)
+    return model, opt, loss_fn
 
 
 def make_transformers(c: ModelConfig, compile_model: bool):

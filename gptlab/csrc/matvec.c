@@ -47,9 +47,11 @@ static inline float load1_bf16(const void *w, int64_t k) {
 /* One tile: MB activation rows (m0..) against R weight rows (n0..). MB and R are compile-time
  * constants at every call site, so the accumulators live in registers (MB * R <= 8 of the 16). */
 #define DEFINE_TILE(T, ELEM)                                                                            \
-    static inline __attribute__((always_inline)) void tile_##T(const float *x, int64_t K, const char *W, int64_t n0, int64_t N,        \
-                                const float *scale, const float *bias, float *y, int64_t m0, int MB,    \
-                                int R) {                                                                \
+    static inline __attribute__((always_inline)) void tile_##T(                                         \
+        const void *xv, const float *xs, int64_t K, const char *W, int64_t n0, int64_t N,               \
+        const float *scale, const float *bias, float *y, int64_t m0, int MB, int R) {                   \
+        const float *x = (const float *)xv; /* float activations: no per-row scale */                   \
+        (void)xs;                                                                                       \
         __m256 acc[MB_MAX][4];                                                                          \
         const char *rows[4];                                                                            \
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                           \
@@ -85,23 +87,24 @@ DEFINE_TILE(bf16, 2)
 /* Every activation row against weight rows [n0, n1): R rows at a time, so each weight row is read
  * from memory once and then reused, from L1, by the next groups of MB_MAX activation rows. */
 #define DEFINE_RANGE(T)                                                                                 \
-    static void range_##T(const float *x, int64_t M, int64_t K, const char *W, int64_t n0, int64_t n1,  \
-                          int64_t N, const float *scale, const float *bias, float *y) {                 \
+    static void range_##T(const void *x, const float *xs, int64_t M, int64_t K, const char *W,          \
+                          int64_t n0, int64_t n1, int64_t N, const float *scale, const float *bias,     \
+                          float *y) {                                                                   \
         int64_t n = n0;                                                                                 \
-        for (; n + 4 <= n1 && M == 1; n += 4) tile_##T(x, K, W, n, N, scale, bias, y, 0, 1, 4);         \
+        for (; n + 4 <= n1 && M == 1; n += 4) tile_##T(x, xs, K, W, n, N, scale, bias, y, 0, 1, 4);     \
         for (; n + 2 <= n1; n += 2) {                                                                   \
             int64_t m = 0;                                                                              \
-            for (; m + 4 <= M; m += 4) tile_##T(x, K, W, n, N, scale, bias, y, m, 4, 2);                \
+            for (; m + 4 <= M; m += 4) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 4, 2);            \
             switch (M - m) {                                                                            \
-            case 3: tile_##T(x, K, W, n, N, scale, bias, y, m, 3, 2); break;                            \
-            case 2: tile_##T(x, K, W, n, N, scale, bias, y, m, 2, 2); break;                            \
-            case 1: tile_##T(x, K, W, n, N, scale, bias, y, m, 1, 2); break;                            \
+            case 3: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 3, 2); break;                        \
+            case 2: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 2, 2); break;                        \
+            case 1: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 1, 2); break;                        \
             }                                                                                           \
         }                                                                                               \
         for (; n < n1; n++) {                                                                           \
             int64_t m = 0;                                                                              \
-            for (; m + 4 <= M; m += 4) tile_##T(x, K, W, n, N, scale, bias, y, m, 4, 1);                \
-            for (; m < M; m++) tile_##T(x, K, W, n, N, scale, bias, y, m, 1, 1);                        \
+            for (; m + 4 <= M; m += 4) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 4, 1);            \
+            for (; m < M; m++) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 1, 1);                    \
         }                                                                                               \
     }
 
@@ -109,17 +112,22 @@ DEFINE_RANGE(f32)
 DEFINE_RANGE(bf16)
 
 /* Split N into `threads` contiguous, 4-aligned ranges (whole tiles, and every thread streams its
- * own part of W). */
-#define DEFINE_ENTRY(T)                                                                                 \
-    void gl_linear_##T(const float *x, int64_t M, int64_t K, const void *W, int64_t N,                  \
-                       const float *scale, const float *bias, float *y, int threads) {                  \
+ * own part of W); the body of every entry point, whose arguments it reads. */
+#define PARALLEL_OVER_ROWS(T, X, XS)                                                                    \
+    do {                                                                                                \
         if (threads < 1) threads = 1;                                                                   \
         int64_t chunk = ((N + threads - 1) / threads + 3) / 4 * 4;                                      \
         _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                           \
         for (int t = 0; t < threads; t++) {                                                             \
             int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;                               \
-            if (n0 < n1) range_##T(x, M, K, (const char *)W, n0, n1, N, scale, bias, y);                \
+            if (n0 < n1) range_##T(X, XS, M, K, (const char *)W, n0, n1, N, scale, bias, y);            \
         }                                                                                               \
+    } while (0)
+
+#define DEFINE_ENTRY(T)                                                                                 \
+    void gl_linear_##T(const float *x, int64_t M, int64_t K, const void *W, int64_t N,                  \
+                       const float *scale, const float *bias, float *y, int threads) {                  \
+        PARALLEL_OVER_ROWS(T, x, NULL);                                                                 \
     }
 
 DEFINE_ENTRY(f32)
@@ -134,14 +142,15 @@ DEFINE_ENTRY(bf16)
 #define XQ_MAX 8191.0f
 #define QCHUNK 1024
 
-static inline __attribute__((always_inline)) void tile_q8(const int16_t *xq, const float *xs, int64_t K,
-                                                          const int8_t *W, int64_t n0, int64_t N,
+static inline __attribute__((always_inline)) void tile_q8(const void *xv, const float *xs, int64_t K,
+                                                          const char *W, int64_t n0, int64_t N,
                                                           const float *scale, const float *bias, float *y,
                                                           int64_t m0, int MB, int R) {
+    const int16_t *xq = (const int16_t *)xv; /* activations as int16, row m scaled by xs[m] */
     __m256 acc[MB_MAX][4];
     const int8_t *rows[4];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        rows[r] = W + (n0 + r) * K;
+        rows[r] = (const int8_t *)W + (n0 + r) * K;
         _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();
     }
     int64_t k = 0;
@@ -177,30 +186,11 @@ static inline __attribute__((always_inline)) void tile_q8(const int16_t *xq, con
     }
 }
 
-static void range_q8(const int16_t *xq, const float *xs, int64_t M, int64_t K, const int8_t *W, int64_t n0,
-                     int64_t n1, int64_t N, const float *scale, const float *bias, float *y) {
-    int64_t n = n0;
-    for (; n + 4 <= n1 && M == 1; n += 4) tile_q8(xq, xs, K, W, n, N, scale, bias, y, 0, 1, 4);
-    for (; n + 2 <= n1; n += 2) {
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 4, 2);
-        switch (M - m) {
-        case 3: tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 3, 2); break;
-        case 2: tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 2, 2); break;
-        case 1: tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 1, 2); break;
-        }
-    }
-    for (; n < n1; n++) {
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 4, 1);
-        for (; m < M; m++) tile_q8(xq, xs, K, W, n, N, scale, bias, y, m, 1, 1);
-    }
-}
+DEFINE_RANGE(q8)
 
 /* xq: caller-provided (M, K) int16 workspace. */
 void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N, const float *scale,
                   const float *bias, float *y, int16_t *xq, int threads) {
-    if (threads < 1) threads = 1;
     float xs[MB_MAX * 64];
     if (M > MB_MAX * 64) return; /* the Python side never sends more than a few rows */
     for (int64_t m = 0; m < M; m++) {
@@ -214,12 +204,7 @@ void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N
         float inv = 1.0f / s;
         for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)__builtin_lrintf(x[m * K + k] * inv);
     }
-    int64_t chunk = ((N + threads - 1) / threads + 3) / 4 * 4;
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) {
-        int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        if (n0 < n1) range_q8(xq, xs, M, K, (const int8_t *)W, n0, n1, N, scale, bias, y);
-    }
+    PARALLEL_OVER_ROWS(q8, xq, xs);
 }
 
 /* Lets the loader check the ABI it compiled against. */
