@@ -1,13 +1,16 @@
-"""Few-row CPU linear kernels (`csrc/matvec.c`), compiled on first use and called through ctypes.
+"""gptlab's CPU decoding kernels (`csrc/`), compiled on first use and called through ctypes.
 
 Decoding multiplies 1-16 activation rows by each weight matrix, which is bound by reading the
 weights; BLAS GEMMs either leave a third of the bandwidth unused (one row) or pack the weight first
-(several rows). The C kernels stream each weight row once, stored as float32, bfloat16 or int8.
+(several rows). The kernels of `csrc/matvec.c` stream each weight row once, stored as float32,
+bfloat16 or int8 (`linear`). `csrc/decode.c` runs a whole decoding step of a model on them in one
+call (`DecodeStep`): as torch operators, the few hundred small operations around the matmuls cost
+3-5 ms a token, a third of a bfloat16 token of GPT-2 124M here.
 
 They are compiled with the machine's C compiler (`$CC`, else `cc`) and `-march=native` into
-`$GPTLAB_CACHE` (default `~/.cache/gptlab`), keyed by the source, compiler and CPU, then reused.
+`$GPTLAB_CACHE` (default `~/.cache/gptlab`), keyed by the sources, compiler and CPU, then reused.
 Without a compiler, AVX2 + FMA or OpenMP (other CPUs, slim containers) the build fails once, a
-warning says why, and callers keep torch's own matmuls. `GPTLAB_CPU_KERNELS=0` turns them off.
+warning says why, and callers keep torch's own operators. `GPTLAB_CPU_KERNELS=0` turns them off.
 No torch headers are involved, so the build takes a few seconds, not a C++ extension's minute.
 """
 
@@ -26,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
-ABI_VERSION = 2
+SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
+SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
+ABI_VERSION = 3
 MAX_ROWS = 16
 """Most activation rows per call: on AVX2 the float32 kernel ties oneDNN's prepacked GEMM at 16 rows
 (1.4x ahead at 1 row) and the bfloat16 one stays ahead of fbgemm's fp16 GEMM; beyond, GEMMs win."""
@@ -59,9 +63,10 @@ def build(out_dir: Path | None = None) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(f"no C compiler ({cc!r}: {e}); install gcc or set $CC") from e
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_identity().encode()).hexdigest()[:16]
+    source = b"".join(f.read_bytes() for f in SOURCES)
+    key = hashlib.sha256(source + version.encode() + _cpu_identity().encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    target = out_dir / f"matvec-{key}.so"
+    target = out_dir / f"gptlab-kernels-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,3 +157,128 @@ def call(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -
             x.data_ptr(), M, K, weight.data_ptr(), N, scale.data_ptr(), b, y.data_ptr(), xq.data_ptr(), threads
         )
     return y
+
+
+# ---- a whole decoding step (csrc/decode.c) ------------------------------------------------------
+class _Lin(ctypes.Structure):
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("kind", ctypes.c_int64),
+    ]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")),
+        *((name, _Lin) for name in ("qkv", "proj", "fc", "fc_proj")),
+        ("local", ctypes.c_int64),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("n_layer", "n_embd", "n_head", "d_ff", "vocab", "n_ctx", "window")),
+        ("eps", ctypes.c_double),
+        *((name, ctypes.c_void_p) for name in ("wte", "wpe", "lnf_w", "lnf_b")),
+        ("blocks", ctypes.POINTER(_Block)),
+        ("head", _Lin),
+    ]
+
+
+_STEP_ERRORS = {
+    1: "a token id is out of range for the vocabulary",
+    2: "a position is beyond the model's context",
+    3: "a cache slot is beyond the KV cache",
+    4: "out of memory for the step's activations",
+}
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeStep:
+    """One decoding step of a model whose linear layers are kernel layers (`quantize.KernelLinear`),
+    run as one C call (`csrc/decode.c`): embeddings, every block and the output projection for up to
+    `max_rows` rows, float32 activations and KV cache. `gptlab.quantize.use_cpu_kernels` attaches one
+    to the model; `Decoder.step` and the server's batched step call it.
+
+    It points at the model's tensors as they are when it is built (and keeps them alive): a model
+    whose weights change afterwards must be prepared afresh.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if _library() is None:
+            raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
+        config, t = model.config, model.transformer
+        self.config = config
+        self._keep: list[Tensor] = []
+        layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
+        self.max_rows = min(getattr(layer, "kernel_rows", 0) for group in layers for layer in group)
+        self.max_rows = min(self.max_rows, getattr(model.lm_head, "kernel_rows", 0))
+        blocks = (_Block * config.n_layer)()
+        for i, (block, group) in enumerate(zip(t.h, layers, strict=True)):
+            norms = (block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)
+            blocks[i] = _Block(*map(self._float, norms), *map(self._linear, group), int(block.attn.local))
+        self._blocks = blocks
+        self._model = _Model(
+            config.n_layer, config.n_embd, config.n_head, config.d_ff, config.vocab_size, config.n_ctx,
+            config.local_window, config.layer_norm_eps,
+            *map(self._float, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias)),
+            blocks, self._linear(model.lm_head),
+        )  # fmt: skip
+        fn = _library().gl_decode_step
+        fn.restype = ctypes.c_int
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, p, p, ctypes.c_int]
+        self._fn = fn
+
+    def _float(self, t: Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the fused decode step needs contiguous float32 CPU embeddings and layer norms")
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, layer: torch.nn.Module) -> _Lin:
+        weight, scale, bias = (getattr(layer, name, None) for name in ("weight", "scale", "bias"))
+        if not hasattr(layer, "kernel_rows") or weight is None:
+            raise ValueError(f"the fused decode step needs kernel layers (KernelLinear), got {type(layer).__name__}")
+        check(weight, scale, bias)
+        self._keep += [x for x in (weight, scale, bias) if x is not None]
+        kind = list(KINDS).index(weight.dtype)
+        return _Lin(weight.data_ptr(), _ptr(scale), _ptr(bias), weight.shape[0], weight.shape[1], kind)
+
+    def accepts(self, rows: int, k_cache: Tensor) -> bool:
+        """Whether this step can run `rows` rows on this cache (else use the torch path)."""
+        return 0 < rows <= self.max_rows and k_cache.dtype == torch.float32 and k_cache.device.type == "cpu"
+
+    def __call__(
+        self, idx: Tensor, positions: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor | None
+    ) -> Tensor:
+        """Logits (M, vocab) float32 of M rows: row m feeds token idx[m] at position positions[m], writes
+        its key and value to slot slots[m] of cache row m and attends to that row's slots <= slots[m]
+        (where `valid` (cache rows, cache length), if given, is True, and always its own)."""
+        idx, positions, slots = (x.reshape(-1).to(torch.int64).contiguous() for x in (idx, positions, slots))
+        M = idx.shape[0]
+        L = k_cache.shape[3]
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape):
+            raise ValueError("the KV cache must be two contiguous tensors of one shape")
+        if valid is not None:
+            valid = valid.contiguous()
+            if valid.dtype != torch.bool or valid.shape != (k_cache.shape[1], L):
+                raise ValueError(f"valid must be a bool tensor of shape {(k_cache.shape[1], L)}")
+        logits = torch.empty(M, self.config.vocab_size)
+        err = self._fn(
+            ctypes.byref(self._model), M, idx.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], L, _ptr(valid), logits.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if err:
+            raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")
+        return logits

@@ -3,7 +3,8 @@
 `Decoder.step` runs `decode_step`, a lean copy of `GPT.forward` for one new token per row (no input
 checks, keys and values written straight into the preallocated cache, logits of that token only); the
 tests hold it to the full forward token for token. With compile=True it is `torch.compile`d over a fixed
-cache shape.
+cache shape. A model prepared for gptlab's CPU kernels (`generate.prepare_model`) carries a
+`cpu_decode_step` that runs the same step in one C call, used whenever it takes the batch.
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ class Decoder:
         if cache.length >= cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} slots is full")
         idx = ids.view(-1, 1).to(self.positions.device)
+        fused = getattr(self.model, "cpu_decode_step", None)
         if self._step is not None:
             slot = torch.tensor(cache.length, device=idx.device)
             logits = self._step(idx, self.positions, slot, cache.k, cache.v, cache.valid)
+        elif fused is not None and fused.accepts(idx.shape[0], cache.k):
+            slots = torch.full((idx.shape[0],), cache.length, dtype=torch.long)
+            logits = fused(idx, self.positions, slots, cache.k, cache.v, cache.valid if self.padded else None)
         else:
             logits = decode_step(
                 self.model,

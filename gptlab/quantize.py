@@ -272,4 +272,5 @@ def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     model.float()  # first: float() would also convert the bfloat16 weights the layers store
     _swap_linears(model, lambda w, b: KernelLinear(w, b, storage), head=True)
     model.quantized = f"{storage}-kernels"
+    model.cpu_decode_step = cpu_kernels.DecodeStep(model)  # a whole decoding step in one C call
     return model.eval()

@@ -152,3 +152,84 @@ def test_build_is_cached_and_atomic(tmp_path):
     stamp = path.stat().st_mtime_ns
     assert cpu_kernels.build(tmp_path) == path and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+# ---- the whole decoding step in one C call -------------------------------------------------------
+def run_both_steps(model, prompts, steps):
+    """Decode greedily with the fused C step, and feed the same tokens to the torch step on a second
+    cache; the largest logit and cache differences seen."""
+    from gptlab.decoder import Decoder, decode_step
+
+    fused, plain = Decoder(model, len(prompts), 40), Decoder(model, len(prompts), 40)
+    logits = fused.prefill(prompts)
+    plain.prefill(prompts)
+    worst = 0.0
+    with torch.inference_mode():
+        for _ in range(steps):
+            ids = logits.argmax(-1)
+            logits = fused.step(ids)
+            c = plain.cache
+            valid = c.valid if plain.padded else None
+            want = decode_step(model, ids.view(-1, 1), plain.positions, c.length, c.k, c.v, valid).float()
+            c.length += 1
+            plain.positions += 1
+            worst = max(worst, (logits - want).abs().max().item() / want.abs().max().item())
+    kv = max((fused.cache.k - plain.cache.k).abs().max().item(), (fused.cache.v - plain.cache.v).abs().max().item())
+    return worst, kv
+
+
+@needs_kernels
+@pytest.mark.parametrize("pattern", ["dense", "alternating"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_fused_step_equals_the_torch_step(pattern, storage):
+    model = peaked_model(attn_pattern=pattern, local_window=3, n_layer=3)
+    if storage == "bfloat16":
+        model = model.to(torch.bfloat16)
+    prepare_model(model, quantize="int8" if storage == "int8" else None)
+    step = model.cpu_decode_step
+    calls, fn = [], step._fn
+    step._fn = lambda *args: calls.append(1) or fn(*args)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]][: step.max_rows] + [[9, 10, 11]] * (step.max_rows > 2)
+    assert step.accepts(len(prompts), torch.zeros(1))
+    worst, kv = run_both_steps(model, prompts, steps=12)  # past the window: the band slides
+    assert len(calls) == 12  # every step ran in C
+    # the same kernels; int8 rounds activations to 13 bits, where a last-bit layer-norm difference
+    # can move one step (~1e-4 relative)
+    assert worst < (1e-3 if storage == "int8" else 1e-5) and kv < (1e-3 if storage == "int8" else 1e-5)
+
+
+@needs_kernels
+def test_fused_step_same_result_for_any_thread_count():
+    model = prepare_model(peaked_model(attn_pattern="alternating", local_window=3, n_head=4))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(generate_ids(model, [[1, 2, 3], [4]], max_new_tokens=6, temperature=0, logprobs=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r == results[0] for r in results[1:])
+
+
+@needs_kernels
+def test_fused_step_rejects_bad_input():
+    from gptlab.decoder import Decoder
+
+    model = prepare_model(peaked_model())
+    decoder = Decoder(model, 1, 8)
+    decoder.prefill([[1, 2]])
+    with pytest.raises(ValueError, match="token id is out of range"):
+        decoder.step(torch.tensor([model.config.vocab_size]))
+    c = decoder.cache
+    step = model.cpu_decode_step
+    one = torch.tensor([1])
+    with pytest.raises(ValueError, match="beyond the KV cache"):
+        step(one, torch.tensor([2]), torch.tensor([8]), c.k, c.v, None)
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        step(one, torch.tensor([model.config.n_ctx]), torch.tensor([2]), c.k, c.v, None)
+    with pytest.raises(ValueError, match="valid must be"):
+        step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v, c.valid[:, :4])
+    with pytest.raises(ValueError, match="KV cache must be"):
+        step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v[..., :4], None)
+    assert not step.accepts(step.max_rows + 1, c.k) and not step.accepts(1, c.k.double())

@@ -438,3 +438,36 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
     assert r.choices[0].text == reference(model, tiny_tokenizer, PROMPTS[1], 10)[0].text
     with pytest.raises(ValueError, match="runs on CPU"):
         serve(tmp_path / "ckpt", device="meta", quantize="int8")
+
+
+def test_batched_step_on_the_fused_cpu_kernels_equals_the_torch_step(model, tiny_tokenizer):
+    """Rows of different lengths share one step of gptlab's one-call C decoding step (each row writes
+    its own cache slot and attends up to it; one layer banded, rows inside and past its window)."""
+    import copy
+    from types import SimpleNamespace
+
+    from gptlab import cpu_kernels
+    from gptlab.generate import prepare_model
+
+    if not cpu_kernels.available():
+        pytest.skip("gptlab's CPU kernels did not build here (no C compiler or no AVX2)")
+    kernel_model = prepare_model(copy.deepcopy(model))
+    fused = kernel_model.cpu_decode_step
+    engine = Engine(kernel_model, tiny_tokenizer, max_concurrent=4)
+    torch.manual_seed(0)
+    engine.k.normal_()
+    engine.v.normal_()
+    lengths, tokens = [3, 17, 9], torch.tensor([5, 6, 7])
+    results = []
+    for step in (fused, None):
+        kernel_model.cpu_decode_step = step
+        engine._rows = [SimpleNamespace(length=n) for n in lengths]
+        k, v = engine.k.clone(), engine.v.clone()
+        engine.k, engine.v = k.clone(), v.clone()
+        results.append((engine._decode(tokens), engine.k, engine.v))
+        engine.k, engine.v = k, v
+    (got, got_k, got_v), (want, want_k, want_v) = results
+    assert [r.length for r in engine._rows] == [n + 1 for n in lengths]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_v, want_v, atol=1e-6, rtol=0)

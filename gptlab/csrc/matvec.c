@@ -11,6 +11,7 @@
  * Built at first use by gptlab/cpu_kernels.py with the machine's own compiler and -march=native.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 #define MB_MAX 4 /* activation rows per register tile */
@@ -111,15 +112,22 @@ DEFINE_TILE(bf16, 2)
 DEFINE_RANGE(f32)
 DEFINE_RANGE(bf16)
 
-/* Split N into `threads` contiguous, 4-aligned ranges (whole tiles, and every thread streams its
- * own part of W); the body of every entry point, whose arguments it reads. */
+/* Rows [n0, n1) of N for thread t of nt: contiguous, 4-aligned ranges (whole tiles, and every thread
+ * streams its own part of W). */
+static inline void split_rows(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
+    int64_t chunk = ((N + nt - 1) / nt + 3) / 4 * 4;
+    *n0 = t * chunk < N ? t * chunk : N;
+    *n1 = *n0 + chunk < N ? *n0 + chunk : N;
+}
+
+/* The body of every entry point, whose arguments it reads. */
 #define PARALLEL_OVER_ROWS(T, X, XS)                                                                    \
     do {                                                                                                \
         if (threads < 1) threads = 1;                                                                   \
-        int64_t chunk = ((N + threads - 1) / threads + 3) / 4 * 4;                                      \
         _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                           \
         for (int t = 0; t < threads; t++) {                                                             \
-            int64_t n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;                               \
+            int64_t n0, n1;                                                                             \
+            split_rows(N, t, threads, &n0, &n1);                                                        \
             if (n0 < n1) range_##T(X, XS, M, K, (const char *)W, n0, n1, N, scale, bias, y);            \
         }                                                                                               \
     } while (0)
@@ -188,24 +196,39 @@ static inline __attribute__((always_inline)) void tile_q8(const void *xv, const 
 
 DEFINE_RANGE(q8)
 
+/* Each row of x (M, K) as int16 in xq, scaled by xs[m] (|xq| <= XQ_MAX). */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * K;
+        __m256 amax8 = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+        __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+        a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
+        float amax = _mm_cvtss_f32(a4);
+        for (; k < K; k++) amax = fabsf(xr[k]) > amax ? fabsf(xr[k]) : amax;
+        float s = amax > 0 ? amax / XQ_MAX : 1.0f;
+        xs[m] = s;
+        __m256 inv = _mm256_set1_ps(1.0f / s);
+        for (k = 0; k + 16 <= K; k += 16) { /* round to nearest even, as lrintf; |v| <= 8191 packs exactly */
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), inv));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), inv));
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + m * K + k), p);
+        }
+        for (; k < K; k++) xq[m * K + k] = (int16_t)__builtin_lrintf(xr[k] * (1.0f / s));
+    }
+}
+
 /* xq: caller-provided (M, K) int16 workspace. */
 void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N, const float *scale,
                   const float *bias, float *y, int16_t *xq, int threads) {
     float xs[MB_MAX * 64];
     if (M > MB_MAX * 64) return; /* the Python side never sends more than a few rows */
-    for (int64_t m = 0; m < M; m++) {
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
-            float a = x[m * K + k] < 0 ? -x[m * K + k] : x[m * K + k];
-            amax = a > amax ? a : amax;
-        }
-        float s = amax > 0 ? amax / XQ_MAX : 1.0f;
-        xs[m] = s;
-        float inv = 1.0f / s;
-        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)__builtin_lrintf(x[m * K + k] * inv);
-    }
+    quantize_rows(x, M, K, xq, xs);
     PARALLEL_OVER_ROWS(q8, xq, xs);
 }
 
 /* Lets the loader check the ABI it compiled against. */
-int gl_abi_version(void) { return 2; }
+int gl_abi_version(void) { return 3; }

@@ -389,6 +389,12 @@ class Engine:
         hs = C // nh
         device = self.k.device
         pos = torch.tensor([s.length for s in rows], device=device)  # (B,) where each new token goes
+        fused = getattr(model, "cpu_decode_step", None)  # gptlab's CPU kernels: the step in one C call
+        if fused is not None and fused.accepts(B, self.k):
+            logits = fused(tokens, pos, pos, self.k, self.v, None)
+            for seq in rows:
+                seq.length += 1
+            return logits
         end = int(pos.max()) + 1
         x = t.wte(tokens.view(B, 1).to(device)) + t.wpe(pos.view(B, 1))  # (B, 1, C)
         s = torch.arange(end, device=device)

@@ -1,0 +1,195 @@
+/* One whole decoding step of a GPT-2 / GPT-3 model in one call: embeddings, every block (layer norms,
+ * attention over the KV cache, dense or locally banded, MLP) and the output projection, for a few rows.
+ *
+ * Batch-1 decoding of GPT-2 124M reads ~125-500 MB of weights per token in ~50 matrix products; run
+ * as torch operators, the ~300 small operations around them (layer norms, views, attention, adds, and
+ * an OpenMP fork/join per product) cost 3-5 ms a token, a third of a bfloat16 token. Here one OpenMP
+ * region spans the step: the linear layers split their weight rows across the threads (matvec.c's
+ * tiles), attention splits (row, head) pairs, the small elementwise work runs on one thread, and
+ * barriers order the phases.
+ *
+ * Compiled together with matvec.c by gptlab/cpu_kernels.py, which mirrors the structs below.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "matvec.c"
+
+enum { GL_F32 = 0, GL_BF16 = 1, GL_I8 = 2 };
+
+typedef struct {
+    const void *w;      /* (n, k) weights: float32, bfloat16 or int8 */
+    const float *scale; /* (n,) per-row scale of int8 weights, else NULL */
+    const float *bias;  /* (n,) or NULL */
+    int64_t n, k, kind;
+} gl_lin;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    gl_lin qkv, proj, fc, fc_proj;
+    int64_t local; /* 1: attends to the last `window` slots only (GPT-3's banded layers) */
+} gl_block;
+
+typedef struct {
+    int64_t n_layer, n_embd, n_head, d_ff, vocab, n_ctx, window;
+    double eps;
+    const float *wte, *wpe, *lnf_w, *lnf_b; /* (vocab, C), (n_ctx, C), (C,), (C,) */
+    const gl_block *blocks;
+    gl_lin head; /* (vocab, C) */
+} gl_model;
+
+static void layer_norm(const float *x, float *y, int64_t M, int64_t C, const float *w, const float *b,
+                       double eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * C;
+        double sum = 0, sq = 0;
+        for (int64_t c = 0; c < C; c++) sum += xr[c];
+        double mean = sum / C;
+        for (int64_t c = 0; c < C; c++) sq += (xr[c] - mean) * (xr[c] - mean);
+        float rstd = (float)(1.0 / sqrt(sq / C + eps)), fmean = (float)mean;
+        for (int64_t c = 0; c < C; c++) {
+            float v = (xr[c] - fmean) * rstd;
+            y[m * C + c] = (w ? v * w[c] : v) + (b ? b[c] : 0.0f);
+        }
+    }
+}
+
+static inline float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi), as torch's approximate="tanh" */
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy(float a, const float *x, float *y, int64_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* This thread's share of y (M, n) = x @ W^T: weight rows split as in PARALLEL_OVER_ROWS; with `gelu`,
+ * the thread also applies GELU to the outputs it wrote (they are still in its cache). */
+static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, const float *xs, int64_t M,
+                        float *y, int tid, int nt, int gelu) {
+    int64_t n0, n1;
+    split_rows(L->n, tid, nt, &n0, &n1);
+    if (n0 >= n1) return;
+    const char *W = (const char *)L->w;
+    switch (L->kind) {
+    case GL_F32: range_f32(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+    case GL_BF16: range_bf16(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+    default: range_q8(xq, xs, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+    }
+    if (gelu)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = n0; n < n1; n++) y[m * L->n + n] = gelu_tanh(y[m * L->n + n]);
+}
+
+/* A linear layer, called by every thread of the region: one thread converts the input (int8 layers
+ * take their activations as int16), each computes its weight rows, and all wait for the output. */
+static void linear_all(const gl_lin *L, const float *x, int16_t *xq, float *xs, int64_t M, float *y, int tid,
+                       int nt, int gelu) {
+    if (L->kind == GL_I8) {
+#pragma omp single
+        quantize_rows(x, M, L->k, xq, xs);
+    }
+    linear_part(L, x, xq, xs, M, y, tid, nt, gelu);
+#pragma omp barrier
+}
+
+/* Attention of row b, head h: writes the row's new key and value into its cache slot, then attends to
+ * the slots [lo, slot] that `valid` (or, without it, nothing) leaves in; a row always sees its own. */
+static void attend(const float *qkv, int64_t C, int64_t hs, int64_t b, int64_t h, float *kc, float *vc,
+                   int64_t slot, int64_t lo, const uint8_t *valid, float *scores, float *out) {
+    const float *q = qkv + b * 3 * C + h * hs;
+    memcpy(kc + slot * hs, q + C, hs * sizeof(float));
+    memcpy(vc + slot * hs, q + 2 * C, hs * sizeof(float));
+    float scale = 1.0f / sqrtf((float)hs), mx = -INFINITY;
+    for (int64_t s = lo; s <= slot; s++) {
+        if (valid && !valid[s] && s != slot) {
+            scores[s - lo] = -INFINITY;
+            continue;
+        }
+        scores[s - lo] = dot(q, kc + s * hs, hs) * scale;
+        mx = scores[s - lo] > mx ? scores[s - lo] : mx;
+    }
+    float sum = 0;
+    for (int64_t s = lo; s <= slot; s++) sum += scores[s - lo] = expf(scores[s - lo] - mx);
+    float *o = out + b * C + h * hs;
+    memset(o, 0, hs * sizeof(float));
+    for (int64_t s = lo; s <= slot; s++)
+        if (scores[s - lo] != 0.0f) axpy(scores[s - lo] / sum, vc + s * hs, o, hs);
+}
+
+/* Row m: token idx[m] at position pos[m], its key and value written to cache slot slots[m] of cache
+ * row m, attending to that row's slots up to and including it (masked by valid (cache_rows, max_len)
+ * when not NULL). Caches (n_layer, cache_rows, n_head, max_len, hs) float32. logits: (M, vocab).
+ * Returns 0, or 1 (a token id out of range), 2 (a position beyond the context), 3 (a slot beyond the
+ * cache), 4 (out of memory); nothing is written then. */
+int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos,
+                   const int64_t *slots, float *kcache, float *vcache, int64_t cache_rows, int64_t max_len,
+                   const uint8_t *valid, float *logits, int threads) {
+    const int64_t C = md->n_embd, nh = md->n_head, hs = C / nh, F = md->d_ff;
+    for (int64_t m = 0; m < M; m++) {
+        if (idx[m] < 0 || idx[m] >= md->vocab) return 1;
+        if (pos[m] < 0 || pos[m] >= md->n_ctx) return 2;
+        if (slots[m] < 0 || slots[m] >= max_len || m >= cache_rows) return 3;
+    }
+    if (threads < 1) threads = 1;
+    int64_t wide = F > 3 * C ? F : 3 * C;
+    float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * max_len));
+    int16_t *xq = malloc(sizeof(int16_t) * M * (F > C ? F : C));
+    if (!x || !xq) {
+        free(x);
+        free(xq);
+        return 4;
+    }
+    float *h = x + M * C, *big = h + M * C, *att = big + M * wide, *xs = att + M * C, *scores = xs + M;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < C; c++) x[m * C + c] = md->wte[idx[m] * C + c] + md->wpe[pos[m] * C + c];
+
+#pragma omp parallel num_threads(threads)
+    {
+        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int64_t l = 0; l < md->n_layer; l++) {
+            const gl_block *bl = md->blocks + l;
+#pragma omp single
+            layer_norm(x, h, M, C, bl->ln1_w, bl->ln1_b, md->eps);
+            linear_all(&bl->qkv, h, xq, xs, M, big, tid, nt, 0);
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < M * nh; bh++) {
+                int64_t b = bh / nh, hd = bh % nh, slot = slots[b];
+                int64_t lo = bl->local && slot + 1 > md->window ? slot + 1 - md->window : 0;
+                int64_t off = ((l * cache_rows + b) * nh + hd) * max_len * hs;
+                attend(big, C, hs, b, hd, kcache + off, vcache + off, slot, lo,
+                       valid ? valid + b * max_len : NULL, scores + tid * max_len, att);
+            }
+            linear_all(&bl->proj, att, xq, xs, M, h, tid, nt, 0);
+#pragma omp single
+            {
+                for (int64_t i = 0; i < M * C; i++) x[i] += h[i];
+                layer_norm(x, h, M, C, bl->ln2_w, bl->ln2_b, md->eps);
+            }
+            linear_all(&bl->fc, h, xq, xs, M, big, tid, nt, 1);
+            linear_all(&bl->fc_proj, big, xq, xs, M, att, tid, nt, 0);
+#pragma omp single
+            for (int64_t i = 0; i < M * C; i++) x[i] += att[i];
+        }
+#pragma omp single
+        layer_norm(x, h, M, C, md->lnf_w, md->lnf_b, md->eps);
+        linear_all(&md->head, h, xq, xs, M, logits, tid, nt, 0);
+    }
+    free(x);
+    free(xq);
+    return 0;
+}
