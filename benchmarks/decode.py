@@ -300,18 +300,26 @@ def speed_isolated(work: Path, args: argparse.Namespace) -> list[dict]:
     """`speed` for one engine at a time, each in a fresh process on the same weights; one table."""
     import subprocess
 
-    bandwidth = measure_bandwidth()
-    print(f"threads {args.threads}, memory bandwidth {bandwidth:.1f} GB/s (copy: read + write)", file=sys.stderr)
+    # The machine's bandwidth drifts (neighbours): measured before every engine and at the end, and
+    # the bound uses the median of those measurements, one figure for the whole table.
+    measured = [measure_bandwidth()]
     results = []
     for engine in args.engines:
         out = work / f"{engine}.json"
         cmd = [sys.executable, __file__, "--engines", engine, "--precisions", *args.precisions]
-        cmd += ["--weights", str(work / "hf"), "--bandwidth", str(bandwidth), "--json", str(out)]
+        cmd += ["--weights", str(work / "hf"), "--bandwidth", str(measured[-1]), "--json", str(out)]
         for flag in ("threads", "runs", "max_seconds", "new_tokens", "prompt_tokens", "batch", "prefill", "layers"):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--compile"] if args.compile else []
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         results += json.loads(out.read_text())["results"]
+        measured.append(measure_bandwidth())
+    bandwidth = statistics.median(measured)
+    print(f"memory bandwidth (copy: read + write) GB/s: {' '.join(f'{b:.1f}' for b in measured)}; median "
+          f"{bandwidth:.1f}", file=sys.stderr)  # fmt: skip
+    for r in results:
+        r["bound_b1"] *= bandwidth / r.pop("bandwidth")
+        r["frac_b1"] = r["b1"] / r["bound_b1"]
     order = {(e, p): i for i, (p, e) in enumerate((p, e) for p in args.precisions for e in args.engines)}
     results.sort(key=lambda r: order.get((r["engine"].split("+")[0], r["precision"]), len(order)))
     return report(results, bandwidth, args)
@@ -370,7 +378,9 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
     for label, precision, _ in variants:
         med = {n: statistics.median(v) for (e, p, n), v in rates.items() if (e, p) == (label, precision)}
         bound = bandwidth * 1e9 / weight_bytes_per_token(config, precision)
-        results.append(dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=med["b1"] / bound))
+        results.append(
+            dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=med["b1"] / bound, bandwidth=bandwidth)
+        )
     return report(results, bandwidth, args)
 
 
