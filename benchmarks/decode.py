@@ -378,8 +378,9 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
     for label, precision, _ in variants:
         med = {n: statistics.median(v) for (e, p, n), v in rates.items() if (e, p) == (label, precision)}
         bound = bandwidth * 1e9 / weight_bytes_per_token(config, precision)
+        frac = med["b1"] / bound
         results.append(
-            dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=med["b1"] / bound, bandwidth=bandwidth)
+            dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=frac, bandwidth=bandwidth)
         )
     return report(results, bandwidth, args)
 

@@ -233,3 +233,14 @@ def test_fused_step_rejects_bad_input():
     with pytest.raises(ValueError, match="KV cache must be"):
         step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v[..., :4], None)
     assert not step.accepts(step.max_rows + 1, c.k) and not step.accepts(1, c.k.double())
+
+
+@needs_kernels
+def test_beams_and_seeded_samples_on_the_fused_step_follow_the_float_model():
+    """Beam search and n samples reorder and repeat the cache between fused steps."""
+    reference_model = peaked_model(attn_pattern="alternating", local_window=3)
+    model = prepare_model(copy.deepcopy(reference_model))
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    for kw in (dict(num_beams=3, n=2, temperature=0), dict(n=3, temperature=1.0, seed=7)):
+        want = generate_ids(reference_model, prompts, max_new_tokens=8, **kw)
+        assert generate_ids(model, prompts, max_new_tokens=8, **kw) == want
