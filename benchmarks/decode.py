@@ -10,8 +10,9 @@ CTranslate2 brings its own OpenMP runtime, whose threads, once it has run, slowe
 in the same process by a fifth to a third here.
 
 Batch-1 decoding reads every weight once per token, so it cannot beat bandwidth / weight bytes per
-token; the table gives each engine's fraction of that bound, the bandwidth measured here with a large
-memory copy (bytes read + written per second).
+token; the table gives each engine's fraction of that bound, the bandwidth measured with a large
+memory copy (bytes read + written per second) before each timed round of that engine: it drifts
+with the machine's neighbours, and the bound is the bound of the moment.
 
     python benchmarks/decode.py                      # everything, all cores, 3 runs
     python benchmarks/decode.py --threads 1 --runs 5 --engines gptlab transformers
@@ -268,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         help="time all engines in one process (default: one process per engine; see the module docstring)",
     )
     p.add_argument("--weights", default=None, help=argparse.SUPPRESS)  # a worker: the parent's HF directory
-    p.add_argument("--bandwidth", type=float, default=None, help=argparse.SUPPRESS)  # a worker: the parent's figure
     p.add_argument("--quality", action="store_true", help="also: perplexity at each precision")
     p.add_argument("--quality-only", action="store_true", help="only the perplexity comparison")
     p.add_argument("--quality-checkpoint", default=None, help="trained checkpoint (default: the random weights)")
@@ -300,37 +300,32 @@ def speed_isolated(work: Path, args: argparse.Namespace) -> list[dict]:
     """`speed` for one engine at a time, each in a fresh process on the same weights; one table."""
     import subprocess
 
-    # The machine's bandwidth drifts (neighbours): measured before every engine and at the end, and
-    # the bound uses the median of those measurements, one figure for the whole table.
-    measured = [measure_bandwidth()]
-    results = []
+    # The machine's bandwidth drifts (neighbours): every worker measures it before each timed round
+    # and bounds its engine by the median of its own measurements; the table's figure is the median
+    # of all of them.
+    results, measured = [], []
     for engine in args.engines:
         out = work / f"{engine}.json"
         cmd = [sys.executable, __file__, "--engines", engine, "--precisions", *args.precisions]
-        cmd += ["--weights", str(work / "hf"), "--bandwidth", str(measured[-1]), "--json", str(out)]
+        cmd += ["--weights", str(work / "hf"), "--json", str(out)]
         for flag in ("threads", "runs", "max_seconds", "new_tokens", "prompt_tokens", "batch", "prefill", "layers"):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--compile"] if args.compile else []
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        results += json.loads(out.read_text())["results"]
-        measured.append(measure_bandwidth())
+        worker = json.loads(out.read_text())
+        results += worker["results"]
+        measured += worker["bandwidth_measured"]
     bandwidth = statistics.median(measured)
-    print(f"memory bandwidth (copy: read + write) GB/s: {' '.join(f'{b:.1f}' for b in measured)}; median "
-          f"{bandwidth:.1f}", file=sys.stderr)  # fmt: skip
-    for r in results:
-        r["bound_b1"] *= bandwidth / r.pop("bandwidth")
-        r["frac_b1"] = r["b1"] / r["bound_b1"]
+    print(f"memory bandwidth (copy: read + write) GB/s: {' '.join(f'{b:.1f}' for b in measured)}", file=sys.stderr)
     order = {(e, p): i for i, (p, e) in enumerate((p, e) for p in args.precisions for e in args.engines)}
     results.sort(key=lambda r: order.get((r["engine"].split("+")[0], r["precision"]), len(order)))
-    return report(results, bandwidth, args)
+    return report(results, bandwidth, args, measured)
 
 
 def speed(work: Path, args: argparse.Namespace) -> list[dict]:
     """Time every engine x precision x workload; print the markdown table."""
     from gptlab.checkpoint import load_model
 
-    bandwidth = args.bandwidth or measure_bandwidth()
-    print(f"threads {args.threads}, memory bandwidth {bandwidth:.1f} GB/s (copy: read + write)", file=sys.stderr)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 50000, (args.batch, args.prompt_tokens), generator=gen).tolist()
     long_prompt = torch.randint(0, 50000, (max(args.prefill - 1, 1),), generator=gen).tolist()
@@ -360,7 +355,10 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
             jobs.append((label, precision, "prefill", w["prefill"](long_prompt)))
     rates: dict[tuple[str, str, str], list[float]] = {}
     budget: dict[int, int] = {}  # job -> timed runs; very slow configurations get fewer
+    measured = []  # bandwidth before every timed round: the bound as it was while this engine ran
     for r in range(args.runs + 1):  # run 0 warms up (and compiles)
+        if r:
+            measured.append(measure_bandwidth())
         for j, (label, precision, name, fn) in enumerate(jobs):
             if r > budget.get(j, args.runs):
                 continue
@@ -374,6 +372,7 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
             line = f"run {r} {label:15s} {precision} {name:8s} {tokens / seconds:8.1f} tok/s"
             print(line, file=sys.stderr, flush=True)
 
+    bandwidth = statistics.median(measured)
     results = []
     for label, precision, _ in variants:
         med = {n: statistics.median(v) for (e, p, n), v in rates.items() if (e, p) == (label, precision)}
@@ -382,14 +381,15 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
         results.append(
             dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=frac, bandwidth=bandwidth)
         )
-    return report(results, bandwidth, args)
+    print(f"memory bandwidth (copy: read + write) {bandwidth:.1f} GB/s", file=sys.stderr)
+    return report(results, bandwidth, args, measured)
 
 
-def report(results: list[dict], bandwidth: float, args: argparse.Namespace) -> list[dict]:
+def report(results: list[dict], bandwidth: float, args: argparse.Namespace, measured: list[float]) -> list[dict]:
     """Print the table; with --json also write the results (a worker's output to its parent)."""
     print(markdown(results, args.batch, bandwidth, args))
     if args.json:
-        summary = dict(bandwidth_gbs=bandwidth, threads=args.threads, results=results)
+        summary = dict(bandwidth_gbs=bandwidth, bandwidth_measured=measured, threads=args.threads, results=results)
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return results
 
@@ -402,10 +402,11 @@ def markdown(results: list[dict], batch: int, bandwidth: float, args: argparse.N
         f"GPT-2 124M ({args.layers} layers), {args.prompt_tokens}-token prompt + {args.new_tokens} greedy "
         "tokens; prefill = "
         f"{args.prefill - 1}-token prompt to first token; {args.threads} threads; "
-        f"median of {args.runs} runs; bandwidth {bandwidth:.1f} GB/s.",
+        f"median of {args.runs} runs; bandwidth {bandwidth:.1f} GB/s (median; each engine's bound uses the "
+        "bandwidth measured while it ran).",
         "",
         f"| engine | precision | b1 tok/s | {bn} tok/s | prefill tok/s "
-        f"| b1 % of bandwidth bound (bound tok/s) | b1 / {bn} vs transformers |",
+        f"| b1 % of bandwidth bound (bound tok/s at the bandwidth) | b1 / {bn} vs transformers |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -418,7 +419,7 @@ def markdown(results: list[dict], batch: int, bandwidth: float, args: argparse.N
         prefill = f"{r['prefill']:.0f}" if "prefill" in r else "-"
         lines.append(
             f"| {r['engine']} | {r['precision']} | {r['b1']:.1f} | {r[bn]:.1f} | {prefill} | "
-            f"{100 * r['frac_b1']:.0f}% ({r['bound_b1']:.0f}) | {vs} |"
+            f"{100 * r['frac_b1']:.0f}% ({r['bound_b1']:.0f} at {r['bandwidth']:.1f} GB/s) | {vs} |"
         )
     return "\n".join(lines)
 
