@@ -234,7 +234,7 @@ class DecodeStep:
         fn = _library().gl_decode_step
         fn.restype = ctypes.c_int
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, p, p, ctypes.c_int]
+        fn.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
         self._fn = fn
 
     def _float(self, t: Tensor | None) -> int | None:
@@ -255,15 +255,26 @@ class DecodeStep:
         return _Lin(weight.data_ptr(), _ptr(scale), _ptr(bias), weight.shape[0], weight.shape[1], kind)
 
     def accepts(self, rows: int, k_cache: Tensor) -> bool:
-        """Whether this step can run `rows` rows on this cache (else use the torch path)."""
-        return 0 < rows <= self.max_rows and k_cache.dtype == torch.float32 and k_cache.device.type == "cpu"
+        """Whether one call can run `rows` rows on this cache (else use the torch path)."""
+        return 0 < rows <= self.max_rows and self.takes(k_cache)
+
+    def takes(self, k_cache: Tensor) -> bool:
+        """Whether the step runs on this cache at all (in calls of up to `max_rows` rows)."""
+        return k_cache.dtype == torch.float32 and k_cache.device.type == "cpu"
 
     def __call__(
-        self, idx: Tensor, positions: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor | None
+        self,
+        idx: Tensor,
+        positions: Tensor,
+        slots: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        valid: Tensor | None,
+        row0: int = 0,
     ) -> Tensor:
         """Logits (M, vocab) float32 of M rows: row m feeds token idx[m] at position positions[m], writes
-        its key and value to slot slots[m] of cache row m and attends to that row's slots <= slots[m]
-        (where `valid` (cache rows, cache length), if given, is True, and always its own)."""
+        its key and value to slot slots[m] of cache row row0 + m and attends to that row's slots <=
+        slots[m] (where `valid` (cache rows, cache length), if given, is True, and always its own)."""
         idx, positions, slots = (x.reshape(-1).to(torch.int64).contiguous() for x in (idx, positions, slots))
         M = idx.shape[0]
         L = k_cache.shape[3]
@@ -276,7 +287,7 @@ class DecodeStep:
         logits = torch.empty(M, self.config.vocab_size)
         err = self._fn(
             ctypes.byref(self._model), M, idx.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], L, _ptr(valid), logits.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], row0, L, _ptr(valid), logits.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         if err:

@@ -440,9 +440,11 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
         serve(tmp_path / "ckpt", device="meta", quantize="int8")
 
 
-def test_batched_step_on_the_fused_cpu_kernels_equals_the_torch_step(model, tiny_tokenizer):
+@pytest.mark.parametrize("lengths", [[3, 17, 9], [5, 1, 30, 12, 7, 9, 2, 16, 11, 4, 8]])
+def test_batched_step_on_the_fused_cpu_kernels_equals_the_torch_step(model, tiny_tokenizer, lengths):
     """Rows of different lengths share one step of gptlab's one-call C decoding step (each row writes
-    its own cache slot and attends up to it; one layer banded, rows inside and past its window)."""
+    its own cache slot and attends up to it; one layer banded, rows inside and past its window); more
+    rows than one call takes run as consecutive calls."""
     import copy
     from types import SimpleNamespace
 
@@ -453,11 +455,14 @@ def test_batched_step_on_the_fused_cpu_kernels_equals_the_torch_step(model, tiny
         pytest.skip("gptlab's CPU kernels did not build here (no C compiler or no AVX2)")
     kernel_model = prepare_model(copy.deepcopy(model))
     fused = kernel_model.cpu_decode_step
-    engine = Engine(kernel_model, tiny_tokenizer, max_concurrent=4)
+    fused.max_rows = 8  # 11 rows: calls of 8 and 3
+    engine = Engine(kernel_model, tiny_tokenizer, max_concurrent=len(lengths))
     torch.manual_seed(0)
     engine.k.normal_()
     engine.v.normal_()
-    lengths, tokens = [3, 17, 9], torch.tensor([5, 6, 7])
+    tokens = torch.arange(5, 5 + len(lengths))
+    calls, fn = [], fused._fn
+    fused._fn = lambda *args: calls.append(args[1]) or fn(*args)
     results = []
     for step in (fused, None):
         kernel_model.cpu_decode_step = step
@@ -468,6 +473,7 @@ def test_batched_step_on_the_fused_cpu_kernels_equals_the_torch_step(model, tiny
         engine.k, engine.v = k, v
     (got, got_k, got_v), (want, want_k, want_v) = results
     assert [r.length for r in engine._rows] == [n + 1 for n in lengths]
+    assert calls == ([3] if len(lengths) == 3 else [8, 3])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=0)
     torch.testing.assert_close(got_v, want_v, atol=1e-6, rtol=0)

@@ -83,7 +83,8 @@ static void gelu_tanh(float *y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 x = _mm256_loadu_ps(y + i);
-        __m256 u = _mm256_mul_ps(_mm256_set1_ps(-2.0f * k), _mm256_fmadd_ps(_mm256_mul_ps(x, x), _mm256_mul_ps(_mm256_set1_ps(c), x), x));
+        __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_mul_ps(_mm256_set1_ps(c), x));
+        __m256 u = _mm256_mul_ps(_mm256_set1_ps(-2.0f * k), _mm256_add_ps(cube, x));
         _mm256_storeu_ps(y + i, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u))));
     }
     for (; i < n; i++) y[i] = 0.5f * y[i] * (1.0f + tanhf(k * (y[i] + c * y[i] * y[i] * y[i])));
@@ -101,7 +102,8 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 static inline void axpy(float a, const float *x, float *y, int64_t n) {
     __m256 av = _mm256_set1_ps(a);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
 }
 
@@ -168,18 +170,18 @@ static void attend(const float *qkv, int64_t C, int64_t hs, int64_t b, int64_t h
 }
 
 /* Row m: token idx[m] at position pos[m], its key and value written to cache slot slots[m] of cache
- * row m, attending to that row's slots up to and including it (masked by valid (cache_rows, max_len)
+ * row row0 + m, attending to its slots up to and including it (masked by valid (cache_rows, max_len)
  * when not NULL). Caches (n_layer, cache_rows, n_head, max_len, hs) float32. logits: (M, vocab).
  * Returns 0, or 1 (a token id out of range), 2 (a position beyond the context), 3 (a slot beyond the
  * cache), 4 (out of memory); nothing is written then. */
 int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos,
-                   const int64_t *slots, float *kcache, float *vcache, int64_t cache_rows, int64_t max_len,
-                   const uint8_t *valid, float *logits, int threads) {
+                   const int64_t *slots, float *kcache, float *vcache, int64_t cache_rows, int64_t row0,
+                   int64_t max_len, const uint8_t *valid, float *logits, int threads) {
     const int64_t C = md->n_embd, nh = md->n_head, hs = C / nh, F = md->d_ff;
     for (int64_t m = 0; m < M; m++) {
         if (idx[m] < 0 || idx[m] >= md->vocab) return 1;
         if (pos[m] < 0 || pos[m] >= md->n_ctx) return 2;
-        if (slots[m] < 0 || slots[m] >= max_len || m >= cache_rows) return 3;
+        if (slots[m] < 0 || slots[m] >= max_len || row0 < 0 || row0 + m >= cache_rows) return 3;
     }
     if (threads < 1) threads = 1;
     int64_t wide = F > 3 * C ? F : 3 * C;
@@ -206,9 +208,9 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
             for (int64_t bh = 0; bh < M * nh; bh++) {
                 int64_t b = bh / nh, hd = bh % nh, slot = slots[b];
                 int64_t lo = bl->local && slot + 1 > md->window ? slot + 1 - md->window : 0;
-                int64_t off = ((l * cache_rows + b) * nh + hd) * max_len * hs;
+                int64_t off = ((l * cache_rows + row0 + b) * nh + hd) * max_len * hs;
                 attend(big, C, hs, b, hd, kcache + off, vcache + off, slot, lo,
-                       valid ? valid + b * max_len : NULL, scores + tid * max_len, att);
+                       valid ? valid + (row0 + b) * max_len : NULL, scores + tid * max_len, att);
             }
             linear_all(&bl->proj, att, xq, xs, M, h, tid, nt, 0);
 #pragma omp single
