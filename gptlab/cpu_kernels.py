@@ -100,6 +100,8 @@ def _library() -> ctypes.CDLL | None:
         fn.restype = None
         workspace = [p] if kind == "i8" else []  # int16 copy of the activations
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
+    lib.gl_decode_step.restype = ctypes.c_int
+    lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
     return lib
 
 
@@ -148,15 +150,18 @@ def call(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -
     threads = torch.get_num_threads()
     if scale is None:
         fn = _library().gl_linear_f32 if weight.dtype == torch.float32 else _library().gl_linear_bf16
-        b = None if bias is None else bias.data_ptr()
-        fn(x.data_ptr(), M, K, weight.data_ptr(), N, None, b, y.data_ptr(), threads)
+        fn(x.data_ptr(), M, K, weight.data_ptr(), N, None, _ptr(bias), y.data_ptr(), threads)
     else:
         xq = torch.empty(M, K, dtype=torch.int16)  # the kernel's int16 copy of x; alive until it returns
-        b = None if bias is None else bias.data_ptr()
         _library().gl_linear_i8(
-            x.data_ptr(), M, K, weight.data_ptr(), N, scale.data_ptr(), b, y.data_ptr(), xq.data_ptr(), threads
-        )
+            x.data_ptr(), M, K, weight.data_ptr(), N, scale.data_ptr(), _ptr(bias), y.data_ptr(), xq.data_ptr(),
+            threads,
+        )  # fmt: skip
     return y
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 # ---- a whole decoding step (csrc/decode.c) ------------------------------------------------------
@@ -197,10 +202,6 @@ _STEP_ERRORS = {
 }
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class DecodeStep:
     """One decoding step of a model whose linear layers are kernel layers (`quantize.KernelLinear`),
     run as one C call (`csrc/decode.c`): embeddings, every block and the output projection for up to
@@ -220,6 +221,9 @@ class DecodeStep:
         layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
         self.max_rows = min(getattr(layer, "kernel_rows", 0) for group in layers for layer in group)
         self.max_rows = min(self.max_rows, getattr(model.lm_head, "kernel_rows", 0))
+        # int8 layers hand more rows than their kernel takes to fbgemm's faster GEMM; float layers stop
+        # at MAX_ROWS only because one call's tiles do, so bigger batches still pay to run as several calls
+        self._splits = all(getattr(layer, "dynamic", None) is None for group in layers for layer in group)
         blocks = (_Block * config.n_layer)()
         for i, (block, group) in enumerate(zip(t.h, layers, strict=True)):
             norms = (block.ln_1.weight, block.ln_1.bias, block.ln_2.weight, block.ln_2.bias)
@@ -231,11 +235,7 @@ class DecodeStep:
             *map(self._float, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias)),
             blocks, self._linear(model.lm_head),
         )  # fmt: skip
-        fn = _library().gl_decode_step
-        fn.restype = ctypes.c_int
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
-        self._fn = fn
+        self._fn = _library().gl_decode_step
 
     def _float(self, t: Tensor | None) -> int | None:
         if t is None:
@@ -254,42 +254,41 @@ class DecodeStep:
         kind = list(KINDS).index(weight.dtype)
         return _Lin(weight.data_ptr(), _ptr(scale), _ptr(bias), weight.shape[0], weight.shape[1], kind)
 
-    def accepts(self, rows: int, k_cache: Tensor) -> bool:
-        """Whether one call can run `rows` rows on this cache (else use the torch path)."""
-        return 0 < rows <= self.max_rows and self.takes(k_cache)
-
-    def takes(self, k_cache: Tensor) -> bool:
-        """Whether the step runs on this cache at all (in calls of up to `max_rows` rows)."""
-        return k_cache.dtype == torch.float32 and k_cache.device.type == "cpu"
+    def accepts(self, rows: int, k_cache: Tensor, split: bool = False) -> bool:
+        """Whether this step should run `rows` rows on this cache (else use the torch path): in one call,
+        or with split=True in consecutive calls of up to `max_rows` rows where those still beat torch's
+        GEMMs (float weights; not int8, whose bigger batches run on fbgemm's int8 GEMM)."""
+        limit = rows if split and self._splits else self.max_rows
+        return 0 < rows <= limit and k_cache.dtype == torch.float32 and k_cache.device.type == "cpu"
 
     def __call__(
-        self,
-        idx: Tensor,
-        positions: Tensor,
-        slots: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        valid: Tensor | None,
-        row0: int = 0,
+        self, idx: Tensor, positions: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor | None
     ) -> Tensor:
         """Logits (M, vocab) float32 of M rows: row m feeds token idx[m] at position positions[m], writes
-        its key and value to slot slots[m] of cache row row0 + m and attends to that row's slots <=
-        slots[m] (where `valid` (cache rows, cache length), if given, is True, and always its own)."""
+        its key and value to slot slots[m] of cache row m and attends to that row's slots <= slots[m]
+        (where `valid` (cache rows, cache length), if given, is True, and always its own). More than
+        `max_rows` rows run as consecutive calls (rows are independent)."""
         idx, positions, slots = (x.reshape(-1).to(torch.int64).contiguous() for x in (idx, positions, slots))
         M = idx.shape[0]
-        L = k_cache.shape[3]
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape):
-            raise ValueError("the KV cache must be two contiguous tensors of one shape")
+        c, shape = self.config, tuple(k_cache.shape)
+        ok = len(shape) == 5 and (shape[0], shape[2], shape[4]) == (c.n_layer, c.n_head, c.head_size)
+        if not (ok and tuple(v_cache.shape) == shape and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError(
+                f"the KV cache must be two contiguous tensors of one shape (n_layer={c.n_layer}, rows, "
+                f"n_head={c.n_head}, length, head_size={c.head_size}); got {shape} and {tuple(v_cache.shape)}"
+            )
+        L = shape[3]
         if valid is not None:
             valid = valid.contiguous()
             if valid.dtype != torch.bool or valid.shape != (k_cache.shape[1], L):
                 raise ValueError(f"valid must be a bool tensor of shape {(k_cache.shape[1], L)}")
-        logits = torch.empty(M, self.config.vocab_size)
-        err = self._fn(
-            ctypes.byref(self._model), M, idx.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], row0, L, _ptr(valid), logits.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if err:
-            raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")
+        logits = torch.empty(M, c.vocab_size)
+        for r0 in range(0, M, self.max_rows):
+            err = self._fn(
+                ctypes.byref(self._model), min(self.max_rows, M - r0), idx[r0:].data_ptr(),
+                positions[r0:].data_ptr(), slots[r0:].data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                k_cache.shape[1], r0, L, _ptr(valid), logits[r0:].data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            if err:
+                raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")
         return logits

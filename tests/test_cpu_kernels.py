@@ -232,6 +232,8 @@ def test_fused_step_rejects_bad_input():
         step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v, c.valid[:, :4])
     with pytest.raises(ValueError, match="KV cache must be"):
         step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v[..., :4], None)
+    with pytest.raises(ValueError, match="KV cache must be"):  # not this model's heads: C would read past it
+        step(one, torch.tensor([2]), torch.tensor([2]), c.k[:, :, :1].clone(), c.v[:, :, :1].clone(), None)
     assert not step.accepts(step.max_rows + 1, c.k) and not step.accepts(1, c.k.double())
 
 

@@ -389,14 +389,9 @@ class Engine:
         hs = C // nh
         device = self.k.device
         pos = torch.tensor([s.length for s in rows], device=device)  # (B,) where each new token goes
-        fused = getattr(model, "cpu_decode_step", None)  # gptlab's CPU kernels: the step in one C call
-        # Rows are independent: a batch beyond one call's rows runs as consecutive calls, except where
-        # the kernels take few rows (int8: fbgemm's GEMM is faster for more than 2).
-        if fused is not None and fused.takes(self.k) and (B <= fused.max_rows or fused.max_rows >= 8):
-            n = fused.max_rows
-            tokens = tokens.view(-1)
-            logits = torch.cat([fused(tokens[i : i + n], pos[i : i + n], pos[i : i + n], self.k, self.v, None, i)
-                                for i in range(0, B, n)])  # fmt: skip
+        fused = getattr(model, "cpu_decode_step", None)  # gptlab's CPU kernels: the step in C
+        if fused is not None and fused.accepts(B, self.k, split=True):
+            logits = fused(tokens, pos, pos, self.k, self.v, None)
             for seq in rows:
                 seq.length += 1
             return logits
