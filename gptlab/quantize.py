@@ -265,12 +265,25 @@ def quantize_int8(model: GPT, mode: str = "dynamic", head: bool = True) -> GPT:
 
 
 @torch.no_grad()
+def _gather_weights(layers: list[KernelLinear]) -> None:
+    """Move the layers' weights into one huge-page buffer (`cpu_kernels.huge_page_views`), in the
+    order decoding reads them; each old weight is freed as its layer lets go of it, and the buffer
+    commits memory only as it is written, so the peak stays near one copy of the weights."""
+    views = cpu_kernels.huge_page_views([layer.weight for layer in layers])
+    for layer, weight in zip(layers, views, strict=True):
+        weight.copy_(layer.weight)
+        layer.weight = weight
+        if layer.dynamic is not None:  # fbgemm's packed copy is its own; this one serves `dequantized`
+            layer.dynamic.weight_int8 = weight
+
+
 def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     """Run the model's linear layers and output head on `KernelLinear` with weights stored as
     `storage` (float32, bfloat16 or int8); everything else float32. In place; returns the model.
     Inference only. Call only where `cpu_kernels.available()`."""
     model.float()  # first: float() would also convert the bfloat16 weights the layers store
     _swap_linears(model, lambda w, b: KernelLinear(w, b, storage), head=True)
+    _gather_weights([m for m in model.modules() if isinstance(m, KernelLinear)])
     model.quantized = f"{storage}-kernels"
     model.cpu_decode_step = cpu_kernels.DecodeStep(model)  # a whole decoding step in one C call
     return model.eval()

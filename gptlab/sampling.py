@@ -215,6 +215,15 @@ def _warp(logits: Tensor, rows: list[SamplingParams]) -> Tensor:
     return logits
 
 
+def argmax(logits: Tensor) -> Tensor:
+    """logits.argmax(-1) (the first maximum; NaN counts as the maximum, as in torch). On CPU through
+    numpy, whose vectorised argmax over GPT-2's 50,257 logits takes ~7 us to torch's ~75 us: 1-2% of
+    an int8 token."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.as_tensor(logits.numpy().argmax(-1), dtype=torch.long)
+    return logits.argmax(dim=-1)
+
+
 def sample_next(
     logits: Tensor,
     params: SamplingParams | Sequence[SamplingParams],
@@ -225,7 +234,7 @@ def sample_next(
     """
     B = logits.shape[0]
     rows = _per_row(params, B)
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax(logits)
     if all(p.greedy for p in rows):
         return greedy
     probs = logits.float().softmax(dim=-1)

@@ -237,6 +237,38 @@ def test_fused_step_rejects_bad_input():
     assert not step.accepts(step.max_rows + 1, c.k) and not step.accepts(1, c.k.double())
 
 
+def test_huge_page_views_lay_tensors_out_in_order(monkeypatch):
+    like = [torch.zeros(3, 1000, dtype=torch.int8), torch.zeros(700_000), torch.zeros(5, dtype=torch.bfloat16)]
+    for huge in (True, False):
+        if not huge:  # systems without madvise(MADV_HUGEPAGE): ordinary memory, same layout
+            monkeypatch.delattr(cpu_kernels.mmap, "MADV_HUGEPAGE", raising=False)
+        views = cpu_kernels.huge_page_views(like)
+        assert [(v.shape, v.dtype) for v in views] == [(t.shape, t.dtype) for t in like]
+        starts = [v.data_ptr() for v in views]
+        assert starts == sorted(starts) and all(s % 64 == 0 for s in starts)
+        assert starts[1] - starts[0] == 3008 and all(bool((v == 0).all()) for v in views)
+        assert starts[0] % cpu_kernels.HUGE_PAGE == 0 or not huge
+        views[1].fill_(1.0)  # writable, and the neighbours untouched
+        assert views[0].abs().sum() == 0 and views[2].abs().sum() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+def test_kernel_weights_sit_in_one_buffer_in_reading_order(storage):
+    model = peaked_model(n_layer=2)
+    want = greedy_recompute(model, [1, 2, 3], 5)
+    prepare_model(model, quantize="int8" if storage == "int8" else None)
+    t = model.transformer
+    order = [layer for b in t.h for layer in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    order.append(model.lm_head)
+    starts = [layer.weight.data_ptr() for layer in order]
+    ends = [layer.weight.data_ptr() + layer.weight.nbytes for layer in order]
+    assert all(e <= s < e + 64 for e, s in zip(ends, starts[1:], strict=False))  # back to back
+    if storage == "int8":  # one copy of the int8 values serves the kernel and `dequantized`
+        assert all(layer.dynamic.weight_int8 is layer.weight for layer in order)
+    assert generate_ids(model, [[1, 2, 3]], max_new_tokens=5, temperature=0) == [want]
+
+
 @needs_kernels
 def test_beams_and_seeded_samples_on_the_fused_step_follow_the_float_model():
     """Beam search and n samples reorder and repeat the cache between fused steps."""

@@ -12,7 +12,7 @@ import torch
 
 from gptlab import GPT, ModelConfig
 from gptlab.generate import Decoder, generate, generate_ids, stream
-from gptlab.sampling import SamplingParams, process_logits, sample_next
+from gptlab.sampling import SamplingParams, argmax, process_logits, sample_next
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -229,6 +229,17 @@ def test_per_row_params_in_one_batch():
     processed = process_logits(logits, [[], []], rows)
     assert processed[0].tolist() == [1.0, 3.0, 2.0] and torch.isinf(processed[1, [0, 2]]).all()
     assert sample_next(processed, rows).tolist() == [1, 1]
+
+
+def test_argmax_is_torchs_argmax():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50257, generator=g)
+    x[1, 5] = x[1, 9] = float("nan")  # NaN is the maximum, the first one wins
+    x[2, 70] = x[2, 7] = x[2].max() + 1  # ties: the first index
+    x[3] = -torch.inf
+    for t in (x, x[0], x[:, ::3], x.bfloat16()):
+        got = argmax(t)
+        assert got.dtype == torch.long and torch.equal(got, t.argmax(-1))
 
 
 def test_sampling_frequencies_follow_softmax():
