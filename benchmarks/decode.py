@@ -11,8 +11,8 @@ in the same process by a fifth to a third here.
 
 Batch-1 decoding reads every weight once per token, so it cannot beat bandwidth / weight bytes per
 token; the table gives each engine's fraction of that bound, the bandwidth measured with a large
-memory copy (bytes read + written per second) before each timed round of that engine: it drifts
-with the machine's neighbours, and the bound is the bound of the moment.
+memory copy (bytes read + written per second) just before each timed batch-1 round: it drifts
+within seconds with the machine's neighbours, and each round is held to the bound of its moment.
 
     python benchmarks/decode.py                      # everything, all cores, 3 runs
     python benchmarks/decode.py --threads 1 --runs 5 --engines gptlab transformers
@@ -300,9 +300,8 @@ def speed_isolated(work: Path, args: argparse.Namespace) -> list[dict]:
     """`speed` for one engine at a time, each in a fresh process on the same weights; one table."""
     import subprocess
 
-    # The machine's bandwidth drifts (neighbours): every worker measures it before each timed round
-    # and bounds its engine by the median of its own measurements; the table's figure is the median
-    # of all of them.
+    # The machine's bandwidth drifts (neighbours): every worker measures it before each timed batch-1
+    # round and bounds that round by it; the table's figure is the median of all the measurements.
     results, measured = [], []
     for engine in args.engines:
         out = work / f"{engine}.json"
@@ -355,13 +354,14 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
             jobs.append((label, precision, "prefill", w["prefill"](long_prompt)))
     rates: dict[tuple[str, str, str], list[float]] = {}
     budget: dict[int, int] = {}  # job -> timed runs; very slow configurations get fewer
-    measured = []  # bandwidth before every timed round: the bound as it was while this engine ran
+    # The bound of each timed batch-1 round: the bandwidth measured just before it (it drifts within
+    # seconds with the machine's neighbours), so each round is set against the machine it ran on.
+    paired: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (label, precision) -> (GB/s, tok/s)
     for r in range(args.runs + 1):  # run 0 warms up (and compiles)
-        if r:
-            measured.append(measure_bandwidth())
         for j, (label, precision, name, fn) in enumerate(jobs):
             if r > budget.get(j, args.runs):
                 continue
+            gbs = measure_bandwidth() if r and name == "b1" else None
             t = time.perf_counter()
             tokens = fn()
             seconds = time.perf_counter() - t
@@ -369,18 +369,26 @@ def speed(work: Path, args: argparse.Namespace) -> list[dict]:
                 budget[j] = max(1, min(args.runs, int(args.max_seconds / max(seconds, 1e-9))))
             else:
                 rates.setdefault((label, precision, name), []).append(tokens / seconds)
+                if gbs is not None:
+                    paired.setdefault((label, precision), []).append((gbs, tokens / seconds))
             line = f"run {r} {label:15s} {precision} {name:8s} {tokens / seconds:8.1f} tok/s"
             print(line, file=sys.stderr, flush=True)
 
+    measured = [gbs for pairs in paired.values() for gbs, _ in pairs]
     bandwidth = statistics.median(measured)
     results = []
     for label, precision, _ in variants:
         med = {n: statistics.median(v) for (e, p, n), v in rates.items() if (e, p) == (label, precision)}
-        bound = bandwidth * 1e9 / weight_bytes_per_token(config, precision)
-        frac = med["b1"] / bound
+        pairs = paired[label, precision]
+        per_token = weight_bytes_per_token(config, precision)
+        frac = statistics.median(rate / (gbs * 1e9 / per_token) for gbs, rate in pairs)
+        own = statistics.median(gbs for gbs, _ in pairs)
         results.append(
-            dict(engine=label, precision=precision, **med, bound_b1=bound, frac_b1=frac, bandwidth=bandwidth)
-        )
+            dict(
+                engine=label, precision=precision, **med, bound_b1=own * 1e9 / per_token, frac_b1=frac,
+                bandwidth=own, rounds_b1=[dict(gbs=gbs, tok_s=rate) for gbs, rate in pairs],
+            )
+        )  # fmt: skip
     print(f"memory bandwidth (copy: read + write) {bandwidth:.1f} GB/s", file=sys.stderr)
     return report(results, bandwidth, args, measured)
 
@@ -402,8 +410,9 @@ def markdown(results: list[dict], batch: int, bandwidth: float, args: argparse.N
         f"GPT-2 124M ({args.layers} layers), {args.prompt_tokens}-token prompt + {args.new_tokens} greedy "
         "tokens; prefill = "
         f"{args.prefill - 1}-token prompt to first token; {args.threads} threads; "
-        f"median of {args.runs} runs; bandwidth {bandwidth:.1f} GB/s (median; each engine's bound uses the "
-        "bandwidth measured while it ran).",
+        f"median of {args.runs} runs; bandwidth {bandwidth:.1f} GB/s (median). Each batch-1 round is set "
+        "against the bandwidth measured just before it; the % is the median of those rounds' fractions, "
+        "the bound in brackets the one at their median bandwidth.",
         "",
         f"| engine | precision | b1 tok/s | {bn} tok/s | prefill tok/s "
         f"| b1 % of bandwidth bound (bound tok/s at the bandwidth) | b1 / {bn} vs transformers |",
