@@ -33,9 +33,12 @@ from torch import Tensor
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
 SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
 ABI_VERSION = 3
-MAX_ROWS = 16
-"""Most activation rows per call: on AVX2 the float32 kernel ties oneDNN's prepacked GEMM at 16 rows
-(1.4x ahead at 1 row) and the bfloat16 one stays ahead of fbgemm's fp16 GEMM; beyond, GEMMs win."""
+MAX_ROWS = 64
+"""Most activation rows per call. Measured on AVX2 (Zen 3, 2 cores, GPT-2 124M's shapes), against
+torch's GEMM: the float32 kernel is 2.4x ahead at 1 row, 1.4x at 32 and ties at 64 (35-39 GMAC/s);
+the bfloat16 one, which torch must first convert to float32, is 2.3x ahead at 32 rows and ties
+around 128. Beyond, GEMMs win. So decoding batches and short prompts (the prefill of a 32-token
+prompt: bfloat16 130 -> 74 ms, float32 111 -> 92 ms) run here."""
 KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
 
 
@@ -263,7 +266,7 @@ class DecodeStep:
         self.max_rows = min(getattr(layer, "kernel_rows", 0) for group in layers for layer in group)
         self.max_rows = min(self.max_rows, getattr(model.lm_head, "kernel_rows", 0))
         # int8 layers hand more rows than their kernel takes to fbgemm's faster GEMM; float layers stop
-        # at MAX_ROWS only because one call's tiles do, so bigger batches still pay to run as several calls
+        # at MAX_ROWS where torch's GEMM catches up, and bigger batches still gain from several calls
         self._splits = all(getattr(layer, "dynamic", None) is None for group in layers for layer in group)
         blocks = (_Block * config.n_layer)()
         for i, (block, group) in enumerate(zip(t.h, layers, strict=True)):

@@ -162,9 +162,9 @@ class KernelLinear(nn.Module):
     """A drop-in `nn.Linear` replacement for CPU inference on `gptlab.cpu_kernels`' few-row kernels.
 
     The weight is stored (N, K) as float32, bfloat16 or int8 with a float32 scale per output row.
-    float32 / bfloat16: up to `cpu_kernels.MAX_ROWS` rows (decoding) go through the kernels, which
-    read each weight once; more rows (prefill) run torch's GEMM on the weight converted to float32,
-    which is compute-bound there, so the conversion is cheap. int8: the kernel (weight-only,
+    float32 / bfloat16: up to `cpu_kernels.MAX_ROWS` rows (decoding, short prompts) go through the
+    kernels, which read each weight once; more rows (long prompts) run torch's GEMM on the weight
+    converted to float32, which is compute-bound there, so the conversion is cheap. int8: the kernel (weight-only,
     float activations) up to `INT8_KERNEL_ROWS` rows, where reading the weight is the cost; from
     there on fbgemm's dynamic int8 GEMM (`Int8Linear`, on the same int8 values), whose int8 x int8
     products need fewer instructions than the kernel's int16 ones once compute dominates.

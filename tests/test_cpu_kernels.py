@@ -24,7 +24,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, scale=None, bias=None) -> t
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16, 41])
 @pytest.mark.parametrize("shape", [(7, 13), (10, 8), (1001, 768)])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 def test_kernel_equals_matmul(rows, shape, kind):
@@ -196,6 +196,18 @@ def test_fused_step_equals_the_torch_step(pattern, storage):
     # the same kernels; int8 rounds activations to 13 bits, where a last-bit layer-norm difference
     # can move one step (~1e-4 relative)
     assert worst < (1e-3 if storage == "int8" else 1e-5) and kv < (1e-3 if storage == "int8" else 1e-5)
+
+
+@needs_kernels
+def test_fused_step_takes_a_wide_batch_in_one_call():
+    model = peaked_model(attn_pattern="alternating", local_window=3, n_layer=2)
+    prepare_model(model)
+    step = model.cpu_decode_step
+    calls, fn = [], step._fn
+    step._fn = lambda *args: calls.append(args[1]) or fn(*args)
+    prompts = [[1 + i % 7] * (1 + i % 5) for i in range(41)]  # 41 rows, padded to 5 tokens
+    worst, kv = run_both_steps(model, prompts, steps=5)
+    assert calls == [41] * 5 and worst < 1e-5 and kv < 1e-5
 
 
 @needs_kernels
