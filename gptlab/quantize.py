@@ -164,10 +164,10 @@ class KernelLinear(nn.Module):
     The weight is stored (N, K) as float32, bfloat16 or int8 with a float32 scale per output row.
     float32 / bfloat16: up to `cpu_kernels.MAX_ROWS` rows (decoding, short prompts) go through the
     kernels, which read each weight once; more rows (long prompts) run torch's GEMM on the weight
-    converted to float32, which is compute-bound there, so the conversion is cheap. int8: the kernel (weight-only,
-    float activations) up to `INT8_KERNEL_ROWS` rows, where reading the weight is the cost; from
-    there on fbgemm's dynamic int8 GEMM (`Int8Linear`, on the same int8 values), whose int8 x int8
-    products need fewer instructions than the kernel's int16 ones once compute dominates.
+    converted to float32, which is compute-bound there, so the conversion is cheap. int8: the kernel
+    (weight-only, float activations) up to `INT8_KERNEL_ROWS` rows, where reading the weight is the
+    cost; from there on fbgemm's dynamic int8 GEMM (`Int8Linear`, on the same int8 values), whose
+    int8 x int8 products need fewer instructions than the kernel's int16 ones once compute dominates.
     """
 
     INT8_KERNEL_ROWS = 2  # measured on AVX2 (benchmarks/decode.py): kernel 1.14x at 1 row, fbgemm 1.5x at 8
@@ -264,7 +264,6 @@ def quantize_int8(model: GPT, mode: str = "dynamic", head: bool = True) -> GPT:
     return model.eval()
 
 
-@torch.no_grad()
 def _gather_weights(layers: list[KernelLinear]) -> None:
     """Move the layers' weights into one huge-page buffer (`cpu_kernels.huge_page_views`), in the
     order decoding reads them; each old weight is freed as its layer lets go of it, and the buffer
@@ -277,6 +276,7 @@ def _gather_weights(layers: list[KernelLinear]) -> None:
             layer.dynamic.weight_int8 = weight
 
 
+@torch.no_grad()
 def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     """Run the model's linear layers and output head on `KernelLinear` with weights stored as
     `storage` (float32, bfloat16 or int8); everything else float32. In place; returns the model.
