@@ -1,6 +1,6 @@
 """gptlab's CPU decoding kernels (`csrc/`), compiled on first use and called through ctypes.
 
-Decoding multiplies 1-16 activation rows by each weight matrix, which is bound by reading the
+Decoding multiplies a few activation rows by each weight matrix, which is bound by reading the
 weights; BLAS GEMMs either leave a third of the bandwidth unused (one row) or pack the weight first
 (several rows). The kernels of `csrc/matvec.c` stream each weight row once, stored as float32,
 bfloat16 or int8 (`linear`). `csrc/decode.c` runs a whole decoding step of a model on them in one
