@@ -172,7 +172,11 @@ class KernelLinear(nn.Module):
 
     INT8_KERNEL_ROWS = 2  # measured on AVX2 (benchmarks/decode.py): kernel 1.14x at 1 row, fbgemm 1.5x at 8
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, storage: str = "float32") -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None = None, storage: str = "float32", out: Tensor | None = None
+    ) -> None:
+        """out: where to store the weight ((N, K) of the storage dtype), e.g. a view into the buffer that
+        holds all of a model's weights; by default a tensor of its own."""
         super().__init__()
         if storage not in STORAGE:
             raise ValueError(f"storage must be one of {list(STORAGE)}, got {storage!r}")
@@ -181,10 +185,16 @@ class KernelLinear(nn.Module):
         self.kernel_rows = cpu_kernels.MAX_ROWS
         self.dynamic: Int8Linear | None = None
         w = weight.detach()
+        if out is not None and (out.shape != w.shape or out.dtype != STORAGE[storage]):
+            raise ValueError(f"out must be a {STORAGE[storage]} tensor of shape {tuple(w.shape)}")
         if storage == "int8":
             self.dynamic = Int8Linear(w, bias, "dynamic")  # quantises w; its int8 values serve both paths
             w, scale = self.dynamic.weight_int8, self.dynamic.scale
+            if out is not None:  # fbgemm's packed copy is its own; this one serves the kernel and `dequantized`
+                self.dynamic.weight_int8 = w = out.copy_(w)
             self.kernel_rows = self.INT8_KERNEL_ROWS
+        elif out is not None:
+            w, scale = out.copy_(w), None
         else:
             w, scale = w.to(STORAGE[storage]).contiguous().clone(), None
         self.register_buffer("weight", w)
@@ -214,6 +224,20 @@ class KernelLinear(nn.Module):
 def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
     """Float matmul with the dequantised weight: what the int8 kernels approximate (tests)."""
     return F.linear(x.float(), layer.dequantized(), layer.bias)
+
+
+def _linear_weights(model: GPT, head: bool) -> list[Tensor]:
+    """The weights `_swap_linears` passes to `make`, in the order it does."""
+    weights = [
+        child.weight
+        for block in model.transformer.h
+        for parent in (block.attn, block.mlp)
+        for child in parent.children()
+        if isinstance(child, nn.Linear)
+    ]
+    if head:
+        weights.append(model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight)
+    return weights
 
 
 def _swap_linears(model: GPT, make: Callable[[Tensor, Tensor | None], nn.Module], head: bool) -> None:
@@ -264,26 +288,18 @@ def quantize_int8(model: GPT, mode: str = "dynamic", head: bool = True) -> GPT:
     return model.eval()
 
 
-def _gather_weights(layers: list[KernelLinear]) -> None:
-    """Move the layers' weights into one huge-page buffer (`cpu_kernels.huge_page_views`), in the
-    order decoding reads them; each old weight is freed as its layer lets go of it, and the buffer
-    commits memory only as it is written, so the peak stays near one copy of the weights."""
-    views = cpu_kernels.huge_page_views([layer.weight for layer in layers])
-    for layer, weight in zip(layers, views, strict=True):
-        weight.copy_(layer.weight)
-        layer.weight = weight
-        if layer.dynamic is not None:  # fbgemm's packed copy is its own; this one serves `dequantized`
-            layer.dynamic.weight_int8 = weight
-
-
 @torch.no_grad()
 def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     """Run the model's linear layers and output head on `KernelLinear` with weights stored as
     `storage` (float32, bfloat16 or int8); everything else float32. In place; returns the model.
     Inference only. Call only where `cpu_kernels.available()`."""
     model.float()  # first: float() would also convert the bfloat16 weights the layers store
-    _swap_linears(model, lambda w, b: KernelLinear(w, b, storage), head=True)
-    _gather_weights([m for m in model.modules() if isinstance(m, KernelLinear)])
+    # Every weight goes straight into one huge-page buffer (`cpu_kernels.huge_page_views`), in the order
+    # a decoding step reads them; the buffer commits memory as it is written and each float weight is
+    # freed as its layer is swapped, so the peak stays near what it was without the buffer.
+    like = [torch.empty(w.shape, dtype=STORAGE[storage], device="meta") for w in _linear_weights(model, head=True)]
+    views = iter(cpu_kernels.huge_page_views(like))
+    _swap_linears(model, lambda w, b: KernelLinear(w, b, storage, out=next(views)), head=True)
     model.quantized = f"{storage}-kernels"
     model.cpu_decode_step = cpu_kernels.DecodeStep(model)  # a whole decoding step in one C call
     return model.eval()

@@ -279,6 +279,8 @@ def test_kernel_weights_sit_in_one_buffer_in_reading_order(storage):
     if storage == "int8":  # one copy of the int8 values serves the kernel and `dequantized`
         assert all(layer.dynamic.weight_int8 is layer.weight for layer in order)
     assert generate_ids(model, [[1, 2, 3]], max_new_tokens=5, temperature=0) == [want]
+    with pytest.raises(ValueError, match="out must be"):
+        KernelLinear(torch.randn(4, 8), storage=storage, out=torch.empty(4, 8, dtype=torch.float64))
 
 
 @needs_kernels
