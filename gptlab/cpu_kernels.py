@@ -197,7 +197,7 @@ def huge_page_buffer(nbytes: int) -> Tensor:
 
 
 def huge_page_views(like: list[Tensor], align: int = 64) -> list[Tensor]:
-    """Uninitialised (zero) tensors of the shapes and dtypes of `like`, laid out in this order in one
+    """Zeroed tensors of the shapes and dtypes of `like`, laid out in this order in one
     `huge_page_buffer`, each `align`-byte aligned: put the weights in the order a decoding step reads
     them, and its stream runs through one region."""
     offsets, total = [], 0

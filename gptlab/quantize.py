@@ -31,7 +31,7 @@ in float32 instead of being rounded to bf16.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -226,18 +226,17 @@ def _reference_forward(layer: Int8Linear, x: Tensor) -> Tensor:
     return F.linear(x.float(), layer.dequantized(), layer.bias)
 
 
-def _linear_weights(model: GPT, head: bool) -> list[Tensor]:
-    """The weights `_swap_linears` passes to `make`, in the order it does."""
-    weights = [
-        child.weight
-        for block in model.transformer.h
-        for parent in (block.attn, block.mlp)
-        for child in parent.children()
-        if isinstance(child, nn.Linear)
-    ]
+def _linear_sites(model: GPT, head: bool) -> Iterator[tuple[nn.Module, str, Tensor, Tensor | None]]:
+    """(parent, attribute, weight, bias) of every block's nn.Linear and, with head=True, of the output
+    projection (the tied embedding where there is none), in the order a decoding step uses them. Lazy:
+    a caller that swaps each one as it comes lets the old weights go one by one."""
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    yield parent, name, child.weight, child.bias
     if head:
-        weights.append(model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight)
-    return weights
+        yield model, "lm_head", model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight, None
 
 
 def _swap_linears(model: GPT, make: Callable[[Tensor, Tensor | None], nn.Module], head: bool) -> None:
@@ -245,14 +244,8 @@ def _swap_linears(model: GPT, make: Callable[[Tensor, Tensor | None], nn.Module]
         raise ValueError("int8 / packed half-precision layers run on CPU; load the model with device='cpu'")
     if getattr(model, "quantized", None):
         raise ValueError(f"the model's linear layers are already swapped ({model.quantized}); load it afresh")
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, make(child.weight, child.bias))
-    if head:
-        weight = model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight
-        model.lm_head = make(weight, None)
+    for parent, name, weight, bias in _linear_sites(model, head):
+        setattr(parent, name, make(weight, bias))
 
 
 @torch.no_grad()
@@ -297,7 +290,7 @@ def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     # Every weight goes straight into one huge-page buffer (`cpu_kernels.huge_page_views`), in the order
     # a decoding step reads them; the buffer commits memory as it is written and each float weight is
     # freed as its layer is swapped, so the peak stays near what it was without the buffer.
-    like = [torch.empty(w.shape, dtype=STORAGE[storage], device="meta") for w in _linear_weights(model, head=True)]
+    like = [torch.empty(w.shape, dtype=STORAGE[storage], device="meta") for _, _, w, _ in _linear_sites(model, True)]
     views = iter(cpu_kernels.huge_page_views(like))
     _swap_linears(model, lambda w, b: KernelLinear(w, b, storage, out=next(views)), head=True)
     model.quantized = f"{storage}-kernels"
