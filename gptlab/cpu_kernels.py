@@ -246,6 +246,13 @@ _STEP_ERRORS = {
 }
 
 
+def _int64_rows(x: Tensor) -> Tensor:
+    """x flattened to one contiguous int64 row per element (no copy when it already is one)."""
+    if x.dtype != torch.int64 or not x.is_contiguous():
+        x = x.to(torch.int64).contiguous()
+    return x
+
+
 class DecodeStep:
     """One decoding step of a model whose linear layers are kernel layers (`quantize.KernelLinear`),
     run as one C call (`csrc/decode.c`): embeddings, every block and the output projection for up to
@@ -279,6 +286,7 @@ class DecodeStep:
             *map(self._float, (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias)),
             blocks, self._linear(model.lm_head),
         )  # fmt: skip
+        self._model_ref = ctypes.byref(self._model)
         self._fn = _library().gl_decode_step
 
     def _float(self, t: Tensor | None) -> int | None:
@@ -312,8 +320,12 @@ class DecodeStep:
         its key and value to slot slots[m] of cache row m and attends to that row's slots <= slots[m]
         (where `valid` (cache rows, cache length), if given, is True, and always its own). More than
         `max_rows` rows run as consecutive calls (rows are independent)."""
-        idx, positions, slots = (x.reshape(-1).to(torch.int64).contiguous() for x in (idx, positions, slots))
-        M = idx.shape[0]
+        idx, positions, slots = _int64_rows(idx), _int64_rows(positions), _int64_rows(slots)
+        M = idx.numel()
+        if positions.numel() != M or slots.numel() != M:
+            raise ValueError(
+                f"got {M} tokens, {positions.numel()} positions and {slots.numel()} slots; need one each per row"
+            )
         c, shape = self.config, tuple(k_cache.shape)
         ok = len(shape) == 5 and (shape[0], shape[2], shape[4]) == (c.n_layer, c.n_head, c.head_size)
         if not (ok and tuple(v_cache.shape) == shape and k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -327,11 +339,13 @@ class DecodeStep:
             if valid.dtype != torch.bool or valid.shape != (k_cache.shape[1], L):
                 raise ValueError(f"valid must be a bool tensor of shape {(k_cache.shape[1], L)}")
         logits = torch.empty(M, c.vocab_size)
+        # Row r0's pointers by address arithmetic: slicing tensors costs microseconds a call.
+        i, p, s, out = idx.data_ptr(), positions.data_ptr(), slots.data_ptr(), logits.data_ptr()
         for r0 in range(0, M, self.max_rows):
             err = self._fn(
-                ctypes.byref(self._model), min(self.max_rows, M - r0), idx[r0:].data_ptr(),
-                positions[r0:].data_ptr(), slots[r0:].data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                k_cache.shape[1], r0, L, _ptr(valid), logits[r0:].data_ptr(), torch.get_num_threads(),
+                self._model_ref, min(self.max_rows, M - r0), i + 8 * r0, p + 8 * r0, s + 8 * r0,
+                k_cache.data_ptr(), v_cache.data_ptr(), shape[1], r0, L, _ptr(valid), out + 4 * c.vocab_size * r0,
+                torch.get_num_threads(),
             )  # fmt: skip
             if err:
                 raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")

@@ -253,12 +253,16 @@ class _EvalMode:
 
     def __init__(self, model: GPT) -> None:
         self.model, self.was_training = model, model.training
+        # Setting the mode walks every module (~1 ms each way for GPT-2): skip it when nothing trains.
+        self.switch = any(m.training for m in model.modules())
 
     def __enter__(self) -> None:
-        self.model.eval()
+        if self.switch:
+            self.model.eval()
 
     def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+        if self.switch:
+            self.model.train(self.was_training)
 
 
 # ---- public API ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -220,7 +221,7 @@ def argmax(logits: Tensor) -> Tensor:
     numpy, whose vectorised argmax over GPT-2's 50,257 logits takes ~7 us to torch's ~75 us: 1-2% of
     an int8 token."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
-        return torch.as_tensor(logits.numpy().argmax(-1), dtype=torch.long)
+        return torch.from_numpy(np.asarray(logits.numpy().argmax(-1), dtype=np.int64))
     return logits.argmax(dim=-1)
 
 

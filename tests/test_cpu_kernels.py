@@ -242,6 +242,8 @@ def test_fused_step_rejects_bad_input():
         step(one, torch.tensor([model.config.n_ctx]), torch.tensor([2]), c.k, c.v, None)
     with pytest.raises(ValueError, match="valid must be"):
         step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v, c.valid[:, :4])
+    with pytest.raises(ValueError, match="one each per row"):  # C would read a second position
+        step(torch.tensor([1, 2]), torch.tensor([2]), torch.tensor([2, 2]), c.k, c.v, None)
     with pytest.raises(ValueError, match="KV cache must be"):
         step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v[..., :4], None)
     with pytest.raises(ValueError, match="KV cache must be"):  # not this model's heads: C would read past it
