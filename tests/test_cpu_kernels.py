@@ -211,6 +211,31 @@ def test_fused_step_takes_a_wide_batch_in_one_call():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_fused_step_logits_bitwise_equal_for_any_thread_count(dtype):
+    # Threads claim chunks of weight rows dynamically, and the chunk edges move with the thread count;
+    # every output must still be computed alike, GELU included (an MLP width of 100 leaves tails of
+    # its 8-wide vector code at different places for 1, 2 and 3 threads).
+    from gptlab.decoder import Decoder
+
+    model = peaked_model(n_embd=40, n_head=4, n_inner=100, vocab_size=301)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    prepare_model(model, quantize="int8" if dtype == "int8" else None)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            decoder = Decoder(model, 3, 12)
+            decoder.prefill([[1, 2, 3], [4], [5, 6]])
+            results.append(torch.cat([decoder.step(torch.tensor([7, 8, 9])) for _ in range(3)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@needs_kernels
 def test_fused_step_same_result_for_any_thread_count():
     model = prepare_model(peaked_model(attn_pattern="alternating", local_window=3, n_head=4))
     threads = torch.get_num_threads()

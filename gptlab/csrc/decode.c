@@ -4,8 +4,8 @@
  * Batch-1 decoding of GPT-2 124M reads ~125-500 MB of weights per token in ~50 matrix products; run
  * as torch operators, the ~300 small operations around them (layer norms, views, attention, adds, and
  * an OpenMP fork/join per product) cost 3-5 ms a token, a third of a bfloat16 token. Here one OpenMP
- * region spans the step: the linear layers split their weight rows across the threads (matvec.c's
- * tiles), attention splits (row, head) pairs, the small elementwise work runs on one thread, and
+ * region spans the step: the linear layers share their weight rows among the threads (matvec.c's
+ * chunks of tiles), attention splits (row, head) pairs, the small elementwise work runs on one thread, and
  * barriers order the phases.
  *
  * Compiled together with matvec.c by gptlab/cpu_kernels.py, which mirrors the structs below.
@@ -80,14 +80,18 @@ static inline __m256 exp8(__m256 x) {
  * an int8 token's MLP time. */
 static void gelu_tanh(float *y, int64_t n) {
     const float k = 0.7978845608028654f, c = 0.044715f;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(y + i);
+    for (int64_t i = 0; i < n; i += 8) {
+        /* The last (n % 8) values through the same vector code, so every value is computed alike
+         * wherever the chunk of outputs it falls in ends. */
+        float tail[8] = {0};
+        int64_t count = n - i < 8 ? n - i : 8;
+        float *p = count == 8 ? y + i : memcpy(tail, y + i, sizeof(float) * count);
+        __m256 x = _mm256_loadu_ps(p);
         __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_mul_ps(_mm256_set1_ps(c), x));
         __m256 u = _mm256_mul_ps(_mm256_set1_ps(-2.0f * k), _mm256_add_ps(cube, x));
-        _mm256_storeu_ps(y + i, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u))));
+        _mm256_storeu_ps(p, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(u))));
+        if (count < 8) memcpy(y + i, tail, sizeof(float) * count);
     }
-    for (; i < n; i++) y[i] = 0.5f * y[i] * (1.0f + tanhf(k * (y[i] + c * y[i] * y[i] * y[i])));
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -107,32 +111,36 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-/* This thread's share of y (M, n) = x @ W^T: weight rows split as in PARALLEL_OVER_ROWS; with `gelu`,
- * the thread also applies GELU to the outputs it wrote (they are still in its cache). */
+static const int64_t ELEM_SIZE[] = {4, 2, 1}; /* bytes per weight of GL_F32, GL_BF16, GL_I8 */
+
+/* This thread's share of y (M, n) = x @ W^T: chunks of weight rows claimed through `ctr` (see claim);
+ * with `gelu`, the thread also applies GELU to the outputs it wrote (they are still in its cache). */
 static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, const float *xs, int64_t M,
-                        float *y, int tid, int nt, int gelu) {
-    int64_t n0, n1;
-    split_rows(L->n, tid, nt, &n0, &n1);
-    if (n0 >= n1) return;
+                        float *y, int tid, int nt, int gelu, gl_counter *ctr) {
     const char *W = (const char *)L->w;
-    switch (L->kind) {
-    case GL_F32: range_f32(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
-    case GL_BF16: range_bf16(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
-    default: range_q8(xq, xs, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+    int64_t chunk = chunk_rows(L->k, ELEM_SIZE[L->kind]), n0, n1;
+    int owner = 0;
+    while (claim(ctr, L->n, chunk, tid, nt, &owner, &n0, &n1)) {
+        switch (L->kind) {
+        case GL_F32: range_f32(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+        case GL_BF16: range_bf16(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+        default: range_q8(xq, xs, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+        }
+        if (gelu)
+            for (int64_t m = 0; m < M; m++) gelu_tanh(y + m * L->n + n0, n1 - n0);
     }
-    if (gelu)
-        for (int64_t m = 0; m < M; m++) gelu_tanh(y + m * L->n + n0, n1 - n0);
 }
 
 /* A linear layer, called by every thread of the region: one thread converts the input (int8 layers
- * take their activations as int16), each computes its weight rows, and all wait for the output. */
+ * take their activations as int16), each computes its chunks of weight rows, and all wait for the
+ * output. `ctr`: this product's zeroed counters, one per thread. */
 static void linear_all(const gl_lin *L, const float *x, int16_t *xq, float *xs, int64_t M, float *y, int tid,
-                       int nt, int gelu) {
+                       int nt, int gelu, gl_counter *ctr) {
     if (L->kind == GL_I8) {
 #pragma omp single
         quantize_rows(x, M, L->k, xq, xs);
     }
-    linear_part(L, x, xq, xs, M, y, tid, nt, gelu);
+    linear_part(L, x, xq, xs, M, y, tid, nt, gelu, ctr);
 #pragma omp barrier
 }
 
@@ -187,11 +195,15 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     int64_t wide = F > 3 * C ? F : 3 * C;
     float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * max_len));
     int16_t *xq = malloc(sizeof(int16_t) * M * (F > C ? F : C));
-    if (!x || !xq) {
+    int64_t products = 4 * md->n_layer + 1; /* each with its own counters */
+    gl_counter *ctr = aligned_alloc(64, sizeof(gl_counter) * threads * products);
+    if (!x || !xq || !ctr) {
         free(x);
         free(xq);
+        free(ctr);
         return 4;
     }
+    memset(ctr, 0, sizeof(gl_counter) * threads * products);
     float *h = x + M * C, *big = h + M * C, *att = big + M * wide, *xs = att + M * C, *scores = xs + M;
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < C; c++) x[m * C + c] = md->wte[idx[m] * C + c] + md->wpe[pos[m] * C + c];
@@ -203,7 +215,7 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
             const gl_block *bl = md->blocks + l;
 #pragma omp single
             layer_norm(x, h, M, C, bl->ln1_w, bl->ln1_b, md->eps);
-            linear_all(&bl->qkv, h, xq, xs, M, big, tid, nt, 0);
+            linear_all(&bl->qkv, h, xq, xs, M, big, tid, nt, 0, ctr + (4 * l) * threads);
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < M * nh; bh++) {
                 int64_t b = bh / nh, hd = bh % nh, slot = slots[b];
@@ -212,22 +224,23 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
                 attend(big, C, hs, b, hd, kcache + off, vcache + off, slot, lo,
                        valid ? valid + (row0 + b) * max_len : NULL, scores + tid * max_len, att);
             }
-            linear_all(&bl->proj, att, xq, xs, M, h, tid, nt, 0);
+            linear_all(&bl->proj, att, xq, xs, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);
 #pragma omp single
             {
                 for (int64_t i = 0; i < M * C; i++) x[i] += h[i];
                 layer_norm(x, h, M, C, bl->ln2_w, bl->ln2_b, md->eps);
             }
-            linear_all(&bl->fc, h, xq, xs, M, big, tid, nt, 1);
-            linear_all(&bl->fc_proj, big, xq, xs, M, att, tid, nt, 0);
+            linear_all(&bl->fc, h, xq, xs, M, big, tid, nt, 1, ctr + (4 * l + 2) * threads);
+            linear_all(&bl->fc_proj, big, xq, xs, M, att, tid, nt, 0, ctr + (4 * l + 3) * threads);
 #pragma omp single
             for (int64_t i = 0; i < M * C; i++) x[i] += att[i];
         }
 #pragma omp single
         layer_norm(x, h, M, C, md->lnf_w, md->lnf_b, md->eps);
-        linear_all(&md->head, h, xq, xs, M, logits, tid, nt, 0);
+        linear_all(&md->head, h, xq, xs, M, logits, tid, nt, 0, ctr + 4 * md->n_layer * threads);
     }
     free(x);
     free(xq);
+    free(ctr);
     return 0;
 }
