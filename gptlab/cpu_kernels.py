@@ -9,7 +9,7 @@ call (`DecodeStep`): as torch operators, the few hundred small operations around
 
 They are compiled with the machine's C compiler (`$CC`, else `cc`) and `-march=native` into
 `$GPTLAB_CACHE` (default `~/.cache/gptlab`), keyed by the sources, compiler and CPU, then reused.
-Without a compiler, AVX2 + FMA or OpenMP (other CPUs, slim containers) the build fails once, a
+Without a compiler, AVX2 + FMA + F16C or OpenMP (other CPUs, slim containers) the build fails once, a
 warning says why, and callers keep torch's own operators. `GPTLAB_CPU_KERNELS=0` turns them off.
 No torch headers are involved, so the build takes a few seconds, not a C++ extension's minute.
 """
@@ -32,7 +32,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
 SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_ROWS = 64
 """Most activation rows per call. Measured on AVX2 (Zen 3, 2 cores, GPT-2 124M's shapes), against
 torch's GEMM: the float32 kernel is 2.4x ahead at 1 row, 1.4x at 32 and ties at 64 (35-39 GMAC/s);
@@ -40,6 +40,7 @@ the bfloat16 one, which torch must first convert to float32, is 2.3x ahead at 32
 around 128. Beyond, GEMMs win. So decoding batches and short prompts (the prefill of a 32-token
 prompt: bfloat16 130 -> 74 ms, float32 111 -> 92 ms) run here."""
 KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
+CACHE_DTYPES = (torch.float32, torch.float16)  # of the fused step's KV cache
 
 
 def cache_dir() -> Path:
@@ -105,7 +106,8 @@ def _library() -> ctypes.CDLL | None:
         workspace = [p] if kind == "i8" else []  # int16 copy of the activations
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     lib.gl_decode_step.restype = ctypes.c_int
-    lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
+    i32 = ctypes.c_int
+    lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, i32, p, p, i32]
     return lib
 
 
@@ -256,8 +258,9 @@ def _int64_rows(x: Tensor) -> Tensor:
 class DecodeStep:
     """One decoding step of a model whose linear layers are kernel layers (`quantize.KernelLinear`),
     run as one C call (`csrc/decode.c`): embeddings, every block and the output projection for up to
-    `max_rows` rows, float32 activations and KV cache. `gptlab.quantize.use_cpu_kernels` attaches one
-    to the model; `Decoder.step` and the server's batched step call it.
+    `max_rows` rows, float32 activations, a float32 or float16 KV cache (`cache_dtype` is the one to
+    allocate). `gptlab.quantize.use_cpu_kernels` attaches one to the model; `Decoder.step` and the
+    server's batched step call it.
 
     It points at the model's tensors as they are when it is built (and keeps them alive): a model
     whose weights change afterwards must be prepared afresh.
@@ -287,6 +290,11 @@ class DecodeStep:
             blocks, self._linear(model.lm_head),
         )  # fmt: skip
         self._model_ref = ctypes.byref(self._model)
+        # Attention reads the whole cache every token: in float16 that is half the bytes, as much as
+        # 3.5% of an int8 GPT-2 token, and float16's 11 bits lose less than bfloat16 or int8 weights
+        # already do. float32 weights keep a float32 cache, the reference that others are tested against.
+        weights = [layer.weight for group in layers for layer in group] + [model.lm_head.weight]
+        self.cache_dtype = torch.float32 if any(w.dtype == torch.float32 for w in weights) else torch.float16
         self._fn = _library().gl_decode_step
 
     def _float(self, t: Tensor | None) -> int | None:
@@ -306,12 +314,20 @@ class DecodeStep:
         kind = list(KINDS).index(weight.dtype)
         return _Lin(weight.data_ptr(), _ptr(scale), _ptr(bias), weight.shape[0], weight.shape[1], kind)
 
+    def runs(self, rows: int, split: bool = False) -> bool:
+        """Whether this step should run `rows` rows (else use the torch path): in one call, or with
+        split=True in consecutive calls of up to `max_rows` rows where those still beat torch's GEMMs
+        (float weights; not int8, whose bigger batches run on fbgemm's int8 GEMM)."""
+        return 0 < rows <= (rows if split and self._splits else self.max_rows)
+
     def accepts(self, rows: int, k_cache: Tensor, split: bool = False) -> bool:
-        """Whether this step should run `rows` rows on this cache (else use the torch path): in one call,
-        or with split=True in consecutive calls of up to `max_rows` rows where those still beat torch's
-        GEMMs (float weights; not int8, whose bigger batches run on fbgemm's int8 GEMM)."""
-        limit = rows if split and self._splits else self.max_rows
-        return 0 < rows <= limit and k_cache.dtype == torch.float32 and k_cache.device.type == "cpu"
+        """`runs(rows, split)` on this cache (float32 or float16, on the CPU)."""
+        return self.runs(rows, split) and k_cache.dtype in CACHE_DTYPES and k_cache.device.type == "cpu"
+
+    def cache_dtype_for(self, rows: int, split: bool = False) -> torch.dtype:
+        """The KV cache to allocate for `rows` rows: `cache_dtype` where this step runs them, else
+        float32 (the torch path would convert a float16 cache at every layer)."""
+        return self.cache_dtype if self.runs(rows, split) else torch.float32
 
     def __call__(
         self, idx: Tensor, positions: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor | None
@@ -333,6 +349,8 @@ class DecodeStep:
                 f"the KV cache must be two contiguous tensors of one shape (n_layer={c.n_layer}, rows, "
                 f"n_head={c.n_head}, length, head_size={c.head_size}); got {shape} and {tuple(v_cache.shape)}"
             )
+        if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
+            raise ValueError(f"the KV cache must be float32 or float16, keys and values alike; got {k_cache.dtype}")
         L = shape[3]
         if valid is not None:
             valid = valid.contiguous()
@@ -344,7 +362,8 @@ class DecodeStep:
         for r0 in range(0, M, self.max_rows):
             err = self._fn(
                 self._model_ref, min(self.max_rows, M - r0), i + 8 * r0, p + 8 * r0, s + 8 * r0,
-                k_cache.data_ptr(), v_cache.data_ptr(), shape[1], r0, L, _ptr(valid), out + 4 * c.vocab_size * r0,
+                k_cache.data_ptr(), v_cache.data_ptr(), shape[1], r0, L, k_cache.dtype == torch.float16, _ptr(valid),
+                out + 4 * c.vocab_size * r0,
                 torch.get_num_threads(),
             )  # fmt: skip
             if err:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptlab.model import GPT, KVCache
+from gptlab.model import GPT, KVCache, kv_cache_dtype, to_cache
 
 
 class Decoder:
@@ -31,7 +31,8 @@ class Decoder:
         wte = model.transformer.wte.weight
         if compile:
             max_len = min(bucket(max_len), max(max_len, model.config.n_ctx))
-        self.cache = KVCache(model.config, batch_size, max_len, device=wte.device, dtype=wte.dtype)
+        dtype = wte.dtype if compile else kv_cache_dtype(model, batch_size)
+        self.cache = KVCache(model.config, batch_size, max_len, device=wte.device, dtype=dtype)
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=wte.device)  # next position
         self.padded = False
         self._step = _compiled_step(model) if compile else None
@@ -138,9 +139,10 @@ def decode_step(
             keys = k_all[layer].index_copy_(2, index, k.unsqueeze(2))  # (B, nh, L, hs)
             values = v_all[layer].index_copy_(2, index, v.unsqueeze(2))
         else:
-            k_new[layer].copy_(k)
-            v_new[layer].copy_(v)
+            k_new[layer].copy_(to_cache(k, k_new))
+            v_new[layer].copy_(to_cache(v, v_new))
             keys, values = (k_local[layer], v_local[layer]) if attn.local else (k_dense[layer], v_dense[layer])
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=local if attn.local else dense)
         x = x + attn.c_proj(y.reshape(B, 1, C))  # (B, nh, 1, hs) -> (B, 1, C): a view for one token
         h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps)

@@ -15,6 +15,21 @@ from torch import Tensor, nn
 
 from gptlab.config import ModelConfig
 
+HALF_MAX = torch.finfo(torch.float16).max
+
+
+def to_cache(x: Tensor, cache: Tensor) -> Tensor:
+    """Keys or values `x` as a KV cache of `cache`'s dtype stores them: a float16 cache holds values
+    beyond its range as its largest finite value, not inf (as gptlab's CPU kernels write them)."""
+    return x.clamp(-HALF_MAX, HALF_MAX) if cache.dtype == torch.float16 and x.dtype != torch.float16 else x
+
+
+def kv_cache_dtype(model: nn.Module, rows: int, split: bool = False) -> torch.dtype:
+    """The dtype of a KV cache for `rows` rows of `model`: where its CPU kernels will run them, theirs
+    (float16 for bfloat16 / int8 weights), else the embeddings' (the activations' dtype)."""
+    fused = getattr(model, "cpu_decode_step", None)
+    return fused.cache_dtype_for(rows, split) if fused is not None else model.transformer.wte.weight.dtype
+
 
 class KVCache:
     """Keys and values of every layer, preallocated for a whole generation run.
@@ -115,14 +130,14 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             start, end = cache.length, cache.length + T
-            cache.k[self.layer, :, :, start:end] = k
-            cache.v[self.layer, :, :, start:end] = v
+            cache.k[self.layer, :, :, start:end] = to_cache(k, cache.k)
+            cache.v[self.layer, :, :, start:end] = to_cache(v, cache.v)
             if mask is None:  # plain prefill from an empty cache: same as no cache
                 y = self._attend(q, k, v, dropout_p)
             else:
                 lo = max(0, start - self.window + 1) if self.local else 0  # keys outside the band: skip
-                keys = cache.k[self.layer, :, :, lo:end]
-                values = cache.v[self.layer, :, :, lo:end]
+                keys = cache.k[self.layer, :, :, lo:end].to(q.dtype)
+                values = cache.v[self.layer, :, :, lo:end].to(q.dtype)
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[..., lo:end])
         else:
             y = self._attend(q, k, v, dropout_p)

@@ -157,7 +157,7 @@ def test_build_is_cached_and_atomic(tmp_path):
 # ---- the whole decoding step in one C call -------------------------------------------------------
 def run_both_steps(model, prompts, steps):
     """Decode greedily with the fused C step, and feed the same tokens to the torch step on a second
-    cache; the largest logit and cache differences seen."""
+    cache; the largest logit and cache differences seen (relative to the largest value)."""
     from gptlab.decoder import Decoder, decode_step
 
     fused, plain = Decoder(model, len(prompts), 40), Decoder(model, len(prompts), 40)
@@ -174,7 +174,11 @@ def run_both_steps(model, prompts, steps):
             c.length += 1
             plain.positions += 1
             worst = max(worst, (logits - want).abs().max().item() / want.abs().max().item())
-    kv = max((fused.cache.k - plain.cache.k).abs().max().item(), (fused.cache.v - plain.cache.v).abs().max().item())
+    assert fused.cache.k.dtype == plain.cache.k.dtype
+    kv = max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        for a, b in ((fused.cache.k, plain.cache.k), (fused.cache.v, plain.cache.v))
+    )  # relative to the largest value
     return worst, kv
 
 
@@ -195,7 +199,12 @@ def test_fused_step_equals_the_torch_step(pattern, storage):
     assert len(calls) == 12  # every step ran in C
     # the same kernels; int8 rounds activations to 13 bits, where a last-bit layer-norm difference
     # can move one step (~1e-4 relative)
-    assert worst < (1e-3 if storage == "int8" else 1e-5) and kv < (1e-3 if storage == "int8" else 1e-5)
+    assert worst < (1e-3 if storage == "int8" else 1e-5)
+    # bfloat16 / int8 weights keep a float16 cache, where a last-bit float32 difference can round a key
+    # to the neighbouring float16 value: one float16 step (2^-10 relative) at most
+    half = storage != "float32"
+    assert step.cache_dtype == (torch.float16 if half else torch.float32)
+    assert kv < (2**-10 if half else 1e-5)
 
 
 @needs_kernels
@@ -273,7 +282,35 @@ def test_fused_step_rejects_bad_input():
         step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v[..., :4], None)
     with pytest.raises(ValueError, match="KV cache must be"):  # not this model's heads: C would read past it
         step(one, torch.tensor([2]), torch.tensor([2]), c.k[:, :, :1].clone(), c.v[:, :, :1].clone(), None)
+    with pytest.raises(ValueError, match="float32 or float16, keys and values alike"):
+        step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v.half(), None)
     assert not step.accepts(step.max_rows + 1, c.k) and not step.accepts(1, c.k.double())
+
+
+@needs_kernels
+def test_half_cache_for_bfloat16_and_int8_saturates_like_the_torch_path():
+    from gptlab.decoder import Decoder
+
+    model = peaked_model(n_layer=1)
+    C = model.config.n_embd
+    with torch.no_grad():  # keys far beyond float16's range, and one NaN value
+        model.transformer.h[0].attn.c_attn.bias[C : 2 * C] = 1e6
+        model.transformer.h[0].attn.c_attn.bias[2 * C] = float("nan")
+    prepare_model(model, quantize="int8")
+    step = model.cpu_decode_step
+    decoder = Decoder(model, 1, 8)
+    assert decoder.cache.k.dtype == torch.float16
+    decoder.prefill([[1, 2]])  # slots 0-1 by the torch path (model.to_cache)
+    decoder.step(torch.tensor([3]))  # slot 2 by the C step
+    k, v = decoder.cache.k[0, 0, :, :3], decoder.cache.v[0, 0, :, :3]  # (nh, 3 slots, hs)
+    assert bool((k == 65504).all()), "keys are stored as float16's largest value, not inf"
+    assert bool(v[0, :, 0].isnan().all()) and bool(v[..., 1:].isfinite().all()) and bool(v[1:].isfinite().all())
+    # more rows than the fused step takes run on torch, which would convert a float16 cache each layer
+    assert step.cache_dtype_for(step.max_rows) == torch.float16
+    assert step.cache_dtype_for(step.max_rows + 1) == torch.float32
+    assert Decoder(model, step.max_rows + 1, 4).cache.k.dtype == torch.float32
+    # float32 weights keep the float32 cache
+    assert Decoder(prepare_model(peaked_model()), 1, 4).cache.k.dtype == torch.float32
 
 
 def test_huge_page_views_lay_tensors_out_in_order(monkeypatch):

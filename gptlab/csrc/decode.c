@@ -144,20 +144,65 @@ static void linear_all(const gl_lin *L, const float *x, int16_t *xq, float *xs, 
 #pragma omp barrier
 }
 
+/* The KV cache holds float32, or float16 (for bfloat16 and int8 weights: attention then reads half the
+ * bytes, ~3.5% of an int8 GPT-2 token). Values beyond float16's range are stored as its largest
+ * finite value (NaN stays NaN), as gptlab's torch path does (model.to_cache). */
+#define HALF_MAX 65504.0f
+static void store_kv(void *dst, const float *src, int64_t n, int half) {
+    if (!half) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *d = dst;
+    const __m256 hi = _mm256_set1_ps(HALF_MAX), lo = _mm256_set1_ps(-HALF_MAX);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) { /* max/min return their second operand for a NaN: it passes through */
+        __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(src + i)));
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; i++) {
+        float v = src[i] > HALF_MAX ? HALF_MAX : src[i] < -HALF_MAX ? -HALF_MAX : src[i];
+        d[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+static inline float dot_half(const float *a, const uint16_t *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * _cvtsh_ss(b[i]);
+    return s;
+}
+
+static inline void axpy_half(float a, const uint16_t *x, float *y, int64_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; i++) y[i] += a * _cvtsh_ss(x[i]);
+}
+
 /* Attention of row b, head h: writes the row's new key and value into its cache slot, then attends to
- * the slots [lo, slot] that `valid` (or, without it, nothing) leaves in; a row always sees its own. */
-static void attend(const float *qkv, int64_t C, int64_t hs, int64_t b, int64_t h, float *kc, float *vc,
+ * the slots [lo, slot] that `valid` (or, without it, nothing) leaves in; a row always sees its own.
+ * kc, vc: this row and head's (max_len, hs) keys and values, float32 or (half) float16. */
+static void attend(const float *qkv, int64_t C, int64_t hs, int64_t b, int64_t h, void *kc, void *vc, int half,
                    int64_t slot, int64_t lo, const uint8_t *valid, float *scores, float *out) {
     const float *q = qkv + b * 3 * C + h * hs;
-    memcpy(kc + slot * hs, q + C, hs * sizeof(float));
-    memcpy(vc + slot * hs, q + 2 * C, hs * sizeof(float));
+    const float *kf = kc, *vf = vc;
+    const uint16_t *kh = kc, *vh = vc;
+    store_kv(half ? (void *)(kh + slot * hs) : (void *)(kf + slot * hs), q + C, hs, half);
+    store_kv(half ? (void *)(vh + slot * hs) : (void *)(vf + slot * hs), q + 2 * C, hs, half);
     float scale = 1.0f / sqrtf((float)hs), mx = -INFINITY;
     for (int64_t s = lo; s <= slot; s++) {
         if (valid && !valid[s] && s != slot) {
             scores[s - lo] = -INFINITY;
             continue;
         }
-        scores[s - lo] = dot(q, kc + s * hs, hs) * scale;
+        scores[s - lo] = (half ? dot_half(q, kh + s * hs, hs) : dot(q, kf + s * hs, hs)) * scale;
         mx = scores[s - lo] > mx ? scores[s - lo] : mx;
     }
     int64_t n = slot + 1 - lo, i = 0;
@@ -173,18 +218,24 @@ static void attend(const float *qkv, int64_t C, int64_t hs, int64_t b, int64_t h
     for (; i < n; i++) sum += scores[i];
     float *o = out + b * C + h * hs;
     memset(o, 0, hs * sizeof(float));
-    for (int64_t s = lo; s <= slot; s++)
-        if (scores[s - lo] != 0.0f) axpy(scores[s - lo] / sum, vc + s * hs, o, hs);
+    for (int64_t s = lo; s <= slot; s++) {
+        if (scores[s - lo] == 0.0f) continue;
+        if (half)
+            axpy_half(scores[s - lo] / sum, vh + s * hs, o, hs);
+        else
+            axpy(scores[s - lo] / sum, vf + s * hs, o, hs);
+    }
 }
 
 /* Row m: token idx[m] at position pos[m], its key and value written to cache slot slots[m] of cache
  * row row0 + m, attending to its slots up to and including it (masked by valid (cache_rows, max_len)
- * when not NULL). Caches (n_layer, cache_rows, n_head, max_len, hs) float32. logits: (M, vocab).
+ * when not NULL). Caches (n_layer, cache_rows, n_head, max_len, hs), float32 or (kv_half) float16.
+ * logits: (M, vocab).
  * Returns 0, or 1 (a token id out of range), 2 (a position beyond the context), 3 (a slot beyond the
  * cache), 4 (out of memory); nothing is written then. */
 int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos,
-                   const int64_t *slots, float *kcache, float *vcache, int64_t cache_rows, int64_t row0,
-                   int64_t max_len, const uint8_t *valid, float *logits, int threads) {
+                   const int64_t *slots, void *kcache, void *vcache, int64_t cache_rows, int64_t row0,
+                   int64_t max_len, int kv_half, const uint8_t *valid, float *logits, int threads) {
     const int64_t C = md->n_embd, nh = md->n_head, hs = C / nh, F = md->d_ff;
     for (int64_t m = 0; m < M; m++) {
         if (idx[m] < 0 || idx[m] >= md->vocab) return 1;
@@ -220,8 +271,8 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
             for (int64_t bh = 0; bh < M * nh; bh++) {
                 int64_t b = bh / nh, hd = bh % nh, slot = slots[b];
                 int64_t lo = bl->local && slot + 1 > md->window ? slot + 1 - md->window : 0;
-                int64_t off = ((l * cache_rows + row0 + b) * nh + hd) * max_len * hs;
-                attend(big, C, hs, b, hd, kcache + off, vcache + off, slot, lo,
+                int64_t off = ((l * cache_rows + row0 + b) * nh + hd) * max_len * hs * (kv_half ? 2 : 4);
+                attend(big, C, hs, b, hd, (char *)kcache + off, (char *)vcache + off, kv_half, slot, lo,
                        valid ? valid + (row0 + b) * max_len : NULL, scores + tid * max_len, att);
             }
             linear_all(&bl->proj, att, xq, xs, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);

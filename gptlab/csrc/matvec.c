@@ -276,4 +276,4 @@ void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N
 }
 
 /* Lets the loader check the ABI it compiled against. */
-int gl_abi_version(void) { return 3; }
+int gl_abi_version(void) { return 4; }

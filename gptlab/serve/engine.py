@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptlab.generate import Completion, TokenLogprob, _TextTracker
-from gptlab.model import GPT, KVCache
+from gptlab.model import GPT, KVCache, kv_cache_dtype, to_cache
 from gptlab.sampling import SamplingParams, make_generator, process_logits, sample_next, top_logprobs
 from gptlab.serve.jobs import Delta, Finished, Job, PromptLogprobs, QueueFull, deliver
 
@@ -97,8 +97,9 @@ class Engine:
         weight = model.transformer.wte.weight
         self.max_len = c.n_ctx
         shape = (c.n_layer, max_concurrent, c.n_head, c.n_ctx, c.head_size)
-        self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.v = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        dtype = kv_cache_dtype(model, max_concurrent, split=True)
+        self.k = torch.zeros(shape, device=weight.device, dtype=dtype)
+        self.v = torch.zeros(shape, device=weight.device, dtype=dtype)
         self._rows: list[_Seq] = []  # row i lives in cache slot i
         self._logits: Tensor | None = None  # (len(rows), V) next-token logits awaiting sampling
         self._pending: deque[_Group] = deque()
@@ -405,9 +406,10 @@ class Engine:
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
             q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
-            self.k[layer][batch, :, pos] = k.reshape(B, nh, hs)
-            self.v[layer][batch, :, pos] = v.reshape(B, nh, hs)
+            self.k[layer][batch, :, pos] = to_cache(k.reshape(B, nh, hs), self.k)
+            self.v[layer][batch, :, pos] = to_cache(v.reshape(B, nh, hs), self.v)
             keys, values = self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]  # (B, nh, end, hs)
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=local if attn.local else dense)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
             x = x + block.mlp(block.ln_2(x))
