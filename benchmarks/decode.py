@@ -180,6 +180,7 @@ def quality(checkpoint: Path, data: Path | None, max_tokens: int = 8192) -> list
     token shard; default: the repository's docs."""
     import numpy as np
 
+    from gptlab import cpu_kernels
     from gptlab.checkpoint import load_model, load_tokenizer
     from gptlab.generate import prepare_model
     from gptlab.quantize import quantize_int8
@@ -229,6 +230,55 @@ def quality(checkpoint: Path, data: Path | None, max_tokens: int = 8192) -> list
     for r in rows:
         lines.append(
             f"| {r['precision']} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+            f"{100 * r['top1_agreement']:.2f}% |"
+        )
+    print("\n".join(lines))
+    if cpu_kernels.available():  # the float16 cache is the fused step's
+        rows += cache_quality(checkpoint, windows)
+    return rows
+
+
+def cache_quality(checkpoint: Path, windows: torch.Tensor) -> list[dict]:
+    """What the float16 KV cache costs: perplexity of bf16 and int8 decoding token by token through
+    the fused step (as `gptlab generate` runs batch 1), with the float16 cache it allocates and with a
+    float32 one, on the same windows; and how often the two choose a different top-1 token."""
+    import numpy as np
+
+    from gptlab.checkpoint import load_model
+    from gptlab.decoder import Decoder
+    from gptlab.generate import prepare_model
+    from gptlab.model import KVCache
+
+    rows = []
+    for precision in ("bf16", "int8"):
+        model = load_model(checkpoint, dtype=torch.bfloat16 if precision == "bf16" else None)
+        prepare_model(model, quantize="int8" if precision == "int8" else None)
+        runs = {}
+        for cache_dtype in (torch.float32, torch.float16):
+            nll, top = [], []
+            for w in windows:
+                decoder = Decoder(model, 1, len(w))
+                decoder.cache = KVCache(model.config, 1, len(w), dtype=cache_dtype)
+                logits = [decoder.prefill([w[:1].tolist()])]
+                logits += [decoder.step(w[t : t + 1]) for t in range(1, len(w) - 1)]
+                logp = torch.cat(logits).log_softmax(-1)
+                nll.append(-logp.gather(1, w[1:, None]).mean().item())
+                top.append(logp.argmax(-1))
+            runs[cache_dtype] = (float(np.exp(np.mean(nll))), torch.cat(top))
+        (p32, t32), (p16, t16) = runs[torch.float32], runs[torch.float16]
+        agree = (t16 == t32).float().mean().item()
+        rows.append(dict(precision=precision, ppl_fp32_cache=p32, ppl_fp16_cache=p16, top1_agreement=agree))
+    lines = [
+        "",
+        f"The float16 KV cache (bf16 / int8 weights), decoding {windows.numel()} tokens one at a time:",
+        "",
+        "| weights | perplexity, float32 cache | float16 cache | change | top-1 agreement |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        change = 100 * (r["ppl_fp16_cache"] / r["ppl_fp32_cache"] - 1)
+        lines.append(
+            f"| {r['precision']} | {r['ppl_fp32_cache']:.4f} | {r['ppl_fp16_cache']:.4f} | {change:+.3f}% | "
             f"{100 * r['top1_agreement']:.2f}% |"
         )
     print("\n".join(lines))
