@@ -249,7 +249,8 @@ _STEP_ERRORS = {
 
 
 def _int64_rows(x: Tensor) -> Tensor:
-    """x flattened to one contiguous int64 row per element (no copy when it already is one)."""
+    """x as a contiguous int64 tensor (no copy when it already is one), whose elements C reads in
+    order, one per row, whatever its shape."""
     if x.dtype != torch.int64 or not x.is_contiguous():
         x = x.to(torch.int64).contiguous()
     return x
