@@ -8,7 +8,9 @@ call (`DecodeStep`): as torch operators, the few hundred small operations around
 3-5 ms a token, a third of a bfloat16 token of GPT-2 124M here.
 
 They are compiled with the machine's C compiler (`$CC`, else `cc`) and `-march=native` into
-`$GPTLAB_CACHE` (default `~/.cache/gptlab`), keyed by the sources, compiler and CPU, then reused.
+`$GPTLAB_CACHE` (default `~/.cache/gptlab`), keyed by the sources, compiler, flags and CPU, then
+reused: AVX-512 machines get 16-wide tiles (and VNNI's int16 dot products), others AVX2's 8-wide ones;
+`GPTLAB_KERNEL_ISA=avx2` builds the AVX2 code anywhere.
 Without a compiler, AVX2 + FMA + F16C or OpenMP (other CPUs, slim containers) the build fails once, a
 warning says why, and callers keep torch's own operators. `GPTLAB_CPU_KERNELS=0` turns them off.
 No torch headers are involved, so the build takes a few seconds, not a C++ extension's minute.
@@ -57,19 +59,46 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
+@cache
+def native_bfloat16_gemm() -> bool:
+    """Whether torch's GEMMs multiply bfloat16 natively here (AVX-512 BF16 or AMX, through oneDNN):
+    then they beat converting the weight to float32 by 3-5x from 16 rows on (Xeon, 2 cores)."""
+    flags = set(" ".join(ln for ln in _cpu_identity().splitlines() if ln.startswith("flags")).split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+
+
 def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernels (if not cached) and return the shared library's path; raises RuntimeError."""
+ISAS = {"native": [], "avx2": ["-mno-avx512f"]}
+"""Instruction sets the kernels can be built for: `native` (the machine's widest: AVX-512 where it has
+it), or `avx2` on any AVX2 machine (what CPUs without AVX-512 run; tests build it to check that code
+on AVX-512 machines too). `$GPTLAB_KERNEL_ISA` picks one; the default is native."""
+
+
+def _isa() -> str:
+    isa = os.environ.get("GPTLAB_KERNEL_ISA", "native")
+    if isa not in ISAS:
+        raise RuntimeError(f"GPTLAB_KERNEL_ISA must be one of {list(ISAS)}, got {isa!r}")
+    return isa
+
+
+def build(out_dir: Path | None = None, isa: str | None = None) -> Path:
+    """Compile the kernels (if not cached) for `isa` (default: `$GPTLAB_KERNEL_ISA`, else native) and
+    return the shared library's path; raises RuntimeError."""
+    isa = isa or _isa()
+    if isa not in ISAS:
+        raise RuntimeError(f"isa must be one of {list(ISAS)}, got {isa!r}")
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(f"no C compiler ({cc!r}: {e}); install gcc or set $CC") from e
     source = b"".join(f.read_bytes() for f in SOURCES)
-    key = hashlib.sha256(source + version.encode() + _cpu_identity().encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", *ISAS[isa], "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(source + version.encode() + _cpu_identity().encode() + " ".join(flags).encode()).hexdigest()
+    key = key[:16]
     out_dir = out_dir or cache_dir()
     target = out_dir / f"gptlab-kernels-{key}.so"
     if target.exists():
@@ -78,7 +107,7 @@ def build(out_dir: Path | None = None) -> Path:
     # Compile to a temporary name and rename: concurrent processes never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm"]
+    cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -93,12 +122,18 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("GPTLAB_CPU_KERNELS", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
-        if lib.gl_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"stale library (ABI {lib.gl_abi_version()}, expected {ABI_VERSION})")
+        return load(build())
     except (RuntimeError, OSError) as e:
         warnings.warn(f"fast CPU decoding kernels unavailable, using torch's matmuls: {e}", stacklevel=3)
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at `path` (from `build`) with its functions' signatures set; raises RuntimeError or
+    OSError."""
+    lib = ctypes.CDLL(str(path))
+    if lib.gl_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"stale library (ABI {lib.gl_abi_version()}, expected {ABI_VERSION})")
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for kind in KINDS.values():
         fn = getattr(lib, f"gl_linear_{kind}")
@@ -106,6 +141,7 @@ def _library() -> ctypes.CDLL | None:
         workspace = [p] if kind == "i8" else []  # int16 copy of the activations
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     lib.gl_decode_step.restype = ctypes.c_int
+    lib.gl_vector_width.restype = ctypes.c_int
     i32 = ctypes.c_int
     lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, i32, p, p, i32]
     return lib
@@ -114,6 +150,12 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernels are built and loadable on this machine (builds them on first call)."""
     return _library() is not None
+
+
+def vector_width() -> int:
+    """Floats per vector in the loaded kernels: 16 (AVX-512), 8 (AVX2), 0 (no kernels)."""
+    lib = _library()
+    return 0 if lib is None else lib.gl_vector_width()
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -248,6 +290,12 @@ _STEP_ERRORS = {
 }
 
 
+def _step_rows(layer: torch.nn.Module) -> int:
+    """Rows of a kernel layer (`quantize.KernelLinear`) that a fused step takes in one call; 0 for others."""
+    rows = getattr(layer, "step_rows", None)
+    return rows if rows is not None else getattr(layer, "kernel_rows", 0)
+
+
 def _int64_rows(x: Tensor) -> Tensor:
     """x as a contiguous int64 tensor (no copy when it already is one), whose elements C reads in
     order, one per row, whatever its shape."""
@@ -274,8 +322,7 @@ class DecodeStep:
         self.config = config
         self._keep: list[Tensor] = []
         layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
-        self.max_rows = min(getattr(layer, "kernel_rows", 0) for group in layers for layer in group)
-        self.max_rows = min(self.max_rows, getattr(model.lm_head, "kernel_rows", 0))
+        self.max_rows = min(_step_rows(layer) for layer in (*(x for group in layers for x in group), model.lm_head))
         # int8 layers hand more rows than their kernel takes to fbgemm's faster GEMM; float layers stop
         # at MAX_ROWS where torch's GEMM catches up, and bigger batches still gain from several calls
         self._splits = all(getattr(layer, "dynamic", None) is None for group in layers for layer in group)

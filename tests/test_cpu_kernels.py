@@ -97,6 +97,12 @@ def test_kernel_linear_few_and_many_rows_agree(storage):
         torch.testing.assert_close(many, exact, atol=1e-5, rtol=1e-5)
     if storage == "float32":
         torch.testing.assert_close(few, linear(x), atol=1e-5, rtol=1e-5)
+    if storage == "bfloat16":  # a bfloat16 model's activations: torch's bfloat16 GEMM where it is native
+        xb = x.bfloat16()
+        want = torch.nn.functional.linear(xb.float(), layer.dequantized(), linear.bias)
+        for got in (layer(xb), torch.cat([layer(xb[:, i : i + 1]) for i in range(20)], dim=1)):
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want, atol=2**-8 * scale, rtol=0)  # bfloat16 rounding
 
 
 @needs_kernels
@@ -195,6 +201,9 @@ def test_fused_step_equals_the_torch_step(pattern, storage):
     step._fn = lambda *args: calls.append(1) or fn(*args)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8]][: step.max_rows] + [[9, 10, 11]] * (step.max_rows > 2)
     assert step.accepts(len(prompts), torch.zeros(1))
+    for layer in model.modules():  # the torch step on the same kernels (int8: not fbgemm from 3 rows on)
+        if isinstance(layer, KernelLinear):
+            layer.kernel_rows = cpu_kernels.MAX_ROWS
     worst, kv = run_both_steps(model, prompts, steps=12)  # past the window: the band slides
     assert len(calls) == 12  # every step ran in C
     # the same kernels; int8 rounds activations to 13 bits, where a last-bit layer-norm difference
@@ -356,3 +365,38 @@ def test_beams_and_seeded_samples_on_the_fused_step_follow_the_float_model():
     for kw in (dict(num_beams=3, n=2, temperature=0), dict(n=3, temperature=1.0, seed=7)):
         want = generate_ids(reference_model, prompts, max_new_tokens=8, **kw)
         assert generate_ids(model, prompts, max_new_tokens=8, **kw) == want
+
+
+@pytest.fixture(scope="module")
+def avx2_build(tmp_path_factory):
+    if cpu_kernels.vector_width() != 16:
+        pytest.skip("no AVX-512 here: the native build is the AVX2 code the other tests check")
+    lib = cpu_kernels.load(cpu_kernels.build(tmp_path_factory.mktemp("kernels"), isa="avx2"))
+    assert lib.gl_vector_width() == 8
+    return lib
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_avx2_build_on_an_avx512_machine_computes_alike(avx2_build, kind, monkeypatch):
+    # On an AVX-512 machine every other test runs the 16-wide tiles; the 8-wide AVX2 code that other
+    # CPUs run is checked here, built with -mno-avx512f, by the same tests.
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 768), torch.randn(1001, 768)
+    w, scale = quantize_weight(w) if kind == "int8" else (w.to(getattr(torch, kind)), None)
+    native = cpu_kernels.linear(x, w, scale)
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: avx2_build)
+    avx2 = cpu_kernels.linear(x, w, scale)
+    if kind == "int8":  # exact integer sums over the same chunks of K: the same bits at any width
+        assert torch.equal(avx2, native)
+    else:
+        torch.testing.assert_close(avx2, native, atol=1e-4, rtol=1e-5)
+    for rows, shape in ((1, (1001, 768)), (3, (7, 13)), (9, (10, 8)), (41, (33, 40))):
+        test_kernel_equals_matmul(rows, shape, kind)
+    test_fused_step_equals_the_torch_step("alternating", kind)
+
+
+def test_kernel_isa_must_be_known(monkeypatch):
+    monkeypatch.setenv("GPTLAB_KERNEL_ISA", "avx9000")
+    with pytest.raises(RuntimeError, match="GPTLAB_KERNEL_ISA must be one of"):
+        cpu_kernels.build()

@@ -3,11 +3,11 @@
  * Decoding multiplies a handful of activation rows by every weight matrix, so the time is the time
  * to stream the weights from memory once. BLAS GEMMs are built for large M: at M = 1 they reach
  * ~2/3 of the machine's read bandwidth, and at M = 2..16 they copy ("pack") the weight before
- * using it, which reads it twice. These kernels read each weight row once, straight into AVX2 FMAs
- * against every activation row, with the weights stored as float32, bfloat16 (converted by a
- * 16-bit shift) or int8 with a float scale per output row (weight-only quantisation: activations
- * stay float32). Rows of W are shared among OpenMP threads (the runtime torch itself loaded) in
- * chunks claimed at run time (see claim).
+ * using it, which reads it twice. These kernels read each weight row once, straight into FMAs (AVX2,
+ * or AVX-512 where the compiler targets it) against every activation row, with the weights stored as
+ * float32, bfloat16 (converted by a 16-bit shift) or int8 with a float scale per output row
+ * (weight-only quantisation: activations stay float32). Rows of W are shared among OpenMP threads
+ * (the runtime torch itself loaded) in chunks claimed at run time (see claim).
  *
  * Built at first use by gptlab/cpu_kernels.py with the machine's own compiler and -march=native.
  */
@@ -36,12 +36,37 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 8 consecutive weights as float32, and the scalar version for the K % 8 tail. */
-static inline __m256 load8_f32(const void *w, int64_t k) { return _mm256_loadu_ps((const float *)w + k); }
-static inline __m256 load8_bf16(const void *w, int64_t k) {
+/* Vectors for the tiles: 16 floats on AVX-512 (twice the products per instruction, and 32 registers,
+ * room for 4 x 4 tiles at any batch size), else AVX2's 8. `-mno-avx512f` builds the AVX2 code on an
+ * AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define GL_AVX512 1
+#define VW 16
+typedef __m512 vfloat;
+static inline vfloat vzero(void) { return _mm512_setzero_ps(); }
+static inline vfloat vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vhsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+static inline vfloat loadv_f32(const void *w, int64_t k) { return _mm512_loadu_ps((const float *)w + k); }
+static inline vfloat loadv_bf16(const void *w, int64_t k) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#else
+#define GL_AVX512 0
+#define VW 8
+typedef __m256 vfloat;
+static inline vfloat vzero(void) { return _mm256_setzero_ps(); }
+static inline vfloat vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vhsum(vfloat v) { return hsum(v); }
+static inline vfloat loadv_f32(const void *w, int64_t k) { return _mm256_loadu_ps((const float *)w + k); }
+static inline vfloat loadv_bf16(const void *w, int64_t k) {
     __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+#endif
+/* One weight as float32, for the K % VW tail. */
 static inline float load1_f32(const void *w, int64_t k) { return ((const float *)w)[k]; }
 static inline float load1_bf16(const void *w, int64_t k) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)((const uint16_t *)w)[k] << 16};
@@ -49,33 +74,34 @@ static inline float load1_bf16(const void *w, int64_t k) {
 }
 
 /* One tile: MB activation rows (m0..) against R weight rows (n0..). MB and R are compile-time
- * constants at every call site, so the accumulators live in registers (MB * R <= 8 of the 16). */
+ * constants at every call site, so the accumulators live in registers (MB * R <= 8 of AVX2's 16,
+ * <= 16 of AVX-512's 32). */
 #define DEFINE_TILE(T, ELEM)                                                                            \
     static inline __attribute__((always_inline)) void tile_##T(                                         \
         const void *xv, const float *xs, int64_t K, const char *W, int64_t n0, int64_t N,               \
         const float *scale, const float *bias, float *y, int64_t m0, int MB, int R) {                   \
         const float *x = (const float *)xv; /* float activations: no per-row scale */                   \
         (void)xs;                                                                                       \
-        __m256 acc[MB_MAX][4];                                                                          \
+        vfloat acc[MB_MAX][4];                                                                          \
         const char *rows[4];                                                                            \
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                           \
             rows[r] = W + (n0 + r) * K * (int64_t)(ELEM);                                               \
-            _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();       \
+            _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = vzero();                   \
         }                                                                                               \
         int64_t k = 0;                                                                                  \
-        for (; k + 8 <= K; k += 8) {                                                                    \
-            __m256 w[4];                                                                                \
-            prefetch_ahead(rows[0] + R * (ELEM) * k, (R * (ELEM) * 8 + 63) / 64);                       \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = load8_##T(rows[r], k);           \
+        for (; k + VW <= K; k += VW) {                                                                  \
+            vfloat w[4];                                                                                \
+            prefetch_ahead(rows[0] + R * (ELEM) * k, (R * (ELEM) * VW + 63) / 64);                      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = loadv_##T(rows[r], k);           \
             _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                      \
-                __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);                                      \
+                vfloat xv = vload(x + (m0 + m) * K + k);                                                \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[m][r] =                         \
-                    _mm256_fmadd_ps(xv, w[r], acc[m][r]);                                               \
+                    vfma(xv, w[r], acc[m][r]);                                                          \
             }                                                                                           \
         }                                                                                               \
         _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                          \
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                       \
-                float s = hsum(acc[m][r]);                                                              \
+                float s = vhsum(acc[m][r]);                                                             \
                 for (int64_t j = k; j < K; j++) s += x[(m0 + m) * K + j] * load1_##T(rows[r], j);       \
                 int64_t n = n0 + r;                                                                     \
                 if (scale) s *= scale[n];                                                               \
@@ -89,27 +115,27 @@ DEFINE_TILE(f32, 4)
 DEFINE_TILE(bf16, 2)
 
 /* Every activation row against weight rows [n0, n1): R rows at a time, so each weight row is read
- * from memory once and then reused, from L1, by the next groups of MB_MAX activation rows. */
+ * from memory once and then reused, from L1, by the next groups of MB_MAX activation rows. Tiles of
+ * 4 weight rows take AVX2's registers at one activation row only. */
+#define TILES_OF_ROWS(T, n, R)                                                                          \
+    do {                                                                                                \
+        int64_t m = 0;                                                                                  \
+        for (; m + MB_MAX <= M; m += MB_MAX) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, MB_MAX, R); \
+        switch (M - m) {                                                                                \
+        case 3: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 3, R); break;                            \
+        case 2: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 2, R); break;                            \
+        case 1: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 1, R); break;                            \
+        }                                                                                               \
+    } while (0)
+
 #define DEFINE_RANGE(T)                                                                                 \
     static void range_##T(const void *x, const float *xs, int64_t M, int64_t K, const char *W,          \
                           int64_t n0, int64_t n1, int64_t N, const float *scale, const float *bias,     \
                           float *y) {                                                                   \
         int64_t n = n0;                                                                                 \
-        for (; n + 4 <= n1 && M == 1; n += 4) tile_##T(x, xs, K, W, n, N, scale, bias, y, 0, 1, 4);     \
-        for (; n + 2 <= n1; n += 2) {                                                                   \
-            int64_t m = 0;                                                                              \
-            for (; m + 4 <= M; m += 4) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 4, 2);            \
-            switch (M - m) {                                                                            \
-            case 3: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 3, 2); break;                        \
-            case 2: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 2, 2); break;                        \
-            case 1: tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 1, 2); break;                        \
-            }                                                                                           \
-        }                                                                                               \
-        for (; n < n1; n++) {                                                                           \
-            int64_t m = 0;                                                                              \
-            for (; m + 4 <= M; m += 4) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 4, 1);            \
-            for (; m < M; m++) tile_##T(x, xs, K, W, n, N, scale, bias, y, m, 1, 1);                    \
-        }                                                                                               \
+        for (; n + 4 <= n1 && (GL_AVX512 || M == 1); n += 4) TILES_OF_ROWS(T, n, 4);                    \
+        for (; n + 2 <= n1; n += 2) TILES_OF_ROWS(T, n, 2);                                             \
+        for (; n < n1; n++) TILES_OF_ROWS(T, n, 1);                                                     \
     }
 
 DEFINE_RANGE(f32)
@@ -188,48 +214,73 @@ DEFINE_ENTRY(bf16, 2)
 
 /* int8 weights: integer dot products. Each activation row is first rounded to int16 with its own
  * scale (13 bits of magnitude: a relative error of ~1e-4, far below the int8 weights' ~4e-3, so this
- * stays weight-only quantisation in effect). Then 16 weights at a time: sign-extend to int16 and
- * multiply-add pairs into int32 (vpmaddwd), a third of the instructions per weight of converting
- * int8 to float. |x| <= 8191 and |w| <= 127 keep a pair below 2^21; int32 sums are moved into float
- * every QCHUNK weights (64 pairs per lane: < 2^27), so they cannot overflow for any K. */
+ * stays weight-only quantisation in effect). Then QW weights at a time: sign-extend to int16 and
+ * multiply-add pairs into int32 (vpmaddwd, or AVX-512 VNNI's vpdpwssd, which also adds), a third of
+ * the instructions per weight of converting int8 to float. |x| <= 8191 and |w| <= 127 keep a pair
+ * below 2^21; every QCHUNK weights the int32 lanes (each < 2^27) are summed exactly (< 2^30) and
+ * moved into float, so nothing overflows for any K and the result does not depend on the width. */
 #define XQ_MAX 8191.0f
 #define QCHUNK 1024
+
+#if GL_AVX512
+#define QW 32
+typedef __m512i vint;
+static inline vint qzero(void) { return _mm512_setzero_si512(); }
+static inline vint qload_w(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vint qload_x(const int16_t *p) { return _mm512_loadu_si512(p); }
+static inline int32_t qhsum(vint v) { return _mm512_reduce_add_epi32(v); }
+#ifdef __AVX512VNNI__
+static inline vint qdot(vint acc, vint x, vint w) { return _mm512_dpwssd_epi32(acc, x, w); }
+#else
+static inline vint qdot(vint acc, vint x, vint w) { return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w)); }
+#endif
+#else
+#define QW 16
+typedef __m256i vint;
+static inline vint qzero(void) { return _mm256_setzero_si256(); }
+static inline vint qload_w(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+static inline vint qload_x(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline int32_t qhsum(vint v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+static inline vint qdot(vint acc, vint x, vint w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
+#endif
 
 static inline __attribute__((always_inline)) void tile_q8(const void *xv, const float *xs, int64_t K,
                                                           const char *W, int64_t n0, int64_t N,
                                                           const float *scale, const float *bias, float *y,
                                                           int64_t m0, int MB, int R) {
     const int16_t *xq = (const int16_t *)xv; /* activations as int16, row m scaled by xs[m] */
-    __m256 acc[MB_MAX][4];
+    float acc[MB_MAX][4];
     const int8_t *rows[4];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
         rows[r] = (const int8_t *)W + (n0 + r) * K;
-        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = 0.0f;
     }
     int64_t k = 0;
-    while (k + 16 <= K) {
+    while (k + QW <= K) {
         int64_t stop = k + QCHUNK < K ? k + QCHUNK : K;
-        __m256i isum[MB_MAX][4];
+        vint isum[MB_MAX][4];
         _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++)
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) isum[m][r] = _mm256_setzero_si256();
-        for (; k + 16 <= stop; k += 16) {
-            __m256i w[4];
-            prefetch_ahead((const char *)rows[0] + R * k, (R * 16 + 63) / 64);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-                w[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k)));
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) isum[m][r] = qzero();
+        for (; k + QW <= stop; k += QW) {
+            vint w[4];
+            prefetch_ahead((const char *)rows[0] + R * k, (R * QW + 63) / 64);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = qload_w(rows[r] + k);
             _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (m0 + m) * K + k));
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-                    isum[m][r] = _mm256_add_epi32(isum[m][r], _mm256_madd_epi16(xv, w[r]));
+                vint xv = qload_x(xq + (m0 + m) * K + k);
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) isum[m][r] = qdot(isum[m][r], xv, w[r]);
             }
         }
         _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++)
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-                acc[m][r] = _mm256_add_ps(acc[m][r], _mm256_cvtepi32_ps(isum[m][r]));
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[m][r] += (float)qhsum(isum[m][r]);
     }
     _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            float s = hsum(acc[m][r]);
+            float s = acc[m][r];
             for (int64_t j = k; j < K; j++) s += (float)xq[(m0 + m) * K + j] * (float)rows[r][j];
             int64_t n = n0 + r;
             s *= xs[m0 + m] * scale[n];
@@ -274,6 +325,9 @@ void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N
     quantize_rows(x, M, K, xq, xs);
     PARALLEL_OVER_ROWS(q8, 1, xq, xs);
 }
+
+/* Floats per vector in the tiles: 16 with AVX-512, else 8 (reported by benchmarks, checked by tests). */
+int gl_vector_width(void) { return VW; }
 
 /* Lets the loader check the ABI it compiled against. */
 int gl_abi_version(void) { return 4; }
