@@ -34,7 +34,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
 SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_ROWS = 64
 """Most activation rows per call. Measured on AVX2 (Zen 3, 2 cores, GPT-2 124M's shapes), against
 torch's GEMM: the float32 kernel is 2.4x ahead at 1 row, 1.4x at 32 and ties at 64 (35-39 GMAC/s);
@@ -138,7 +138,7 @@ def load(path: Path) -> ctypes.CDLL:
     for kind in KINDS.values():
         fn = getattr(lib, f"gl_linear_{kind}")
         fn.restype = None
-        workspace = [p] if kind == "i8" else []  # int16 copy of the activations
+        workspace = [p] if kind != "f32" else []  # the activations as int16 (int8) or de-interleaved (bfloat16)
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     lib.gl_decode_step.restype = ctypes.c_int
     lib.gl_vector_width.restype = ctypes.c_int
@@ -196,9 +196,13 @@ def call(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -
     N = weight.shape[0]
     y = torch.empty(M, N)
     threads = torch.get_num_threads()
-    if scale is None:
-        fn = _library().gl_linear_f32 if weight.dtype == torch.float32 else _library().gl_linear_bf16
-        fn(x.data_ptr(), M, K, weight.data_ptr(), N, None, _ptr(bias), y.data_ptr(), threads)
+    if weight.dtype == torch.float32:
+        _library().gl_linear_f32(x.data_ptr(), M, K, weight.data_ptr(), N, None, _ptr(bias), y.data_ptr(), threads)
+    elif weight.dtype == torch.bfloat16:
+        xp = torch.empty(M, K)  # the kernel's de-interleaved copy of x
+        _library().gl_linear_bf16(
+            x.data_ptr(), M, K, weight.data_ptr(), N, None, _ptr(bias), y.data_ptr(), xp.data_ptr(), threads
+        )
     else:
         xq = torch.empty(M, K, dtype=torch.int16)  # the kernel's int16 copy of x; alive until it returns
         _library().gl_linear_i8(

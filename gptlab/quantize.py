@@ -164,12 +164,13 @@ class KernelLinear(nn.Module):
     The weight is stored (N, K) as float32, bfloat16 or int8 with a float32 scale per output row.
     float32 / bfloat16: up to `cpu_kernels.MAX_ROWS` rows (decoding, short prompts) go through the
     kernels, which read each weight once; more rows (long prompts) run torch's GEMM on the weight
-    converted to float32, which is compute-bound there, so the conversion is cheap. Where torch
-    multiplies bfloat16 natively (`cpu_kernels.native_bfloat16_gemm`: AMX, AVX-512 BF16), bfloat16
-    weights take torch's bfloat16 GEMM for bfloat16 inputs from `BF16_KERNEL_ROWS` rows on. int8: the kernel
-    (weight-only, float activations) up to `INT8_KERNEL_ROWS` rows, where reading the weight is the
-    cost; from there on fbgemm's dynamic int8 GEMM (`Int8Linear`, on the same int8 values), whose
-    int8 x int8 products need fewer instructions than the kernel's int16 ones once compute dominates.
+    converted to float32, which is compute-bound there, so the conversion is cheap. bfloat16 weights
+    multiply activations rounded to bfloat16, as torch's bfloat16 matmuls do, on every path; where
+    torch multiplies bfloat16 natively (`cpu_kernels.native_bfloat16_gemm`: AMX, AVX-512 BF16), they
+    take its bfloat16 GEMM from `BF16_KERNEL_ROWS` rows on. int8: the kernel (weight-only, float
+    activations) up to `INT8_KERNEL_ROWS` rows, where reading the weight is the cost; from there on
+    fbgemm's dynamic int8 GEMM (`Int8Linear`, on the same int8 values), whose int8 x int8 products
+    need fewer instructions than the kernel's int16 ones once compute dominates.
     """
 
     INT8_KERNEL_ROWS = 2  # measured on AVX2 (benchmarks/decode.py): kernel 1.14x at 1 row, fbgemm 1.5x at 8
@@ -223,10 +224,15 @@ class KernelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
-        bf16 = x.dtype == torch.bfloat16 and self.storage == "bfloat16"  # a bfloat16 model: nothing to lose
-        if bf16 and rows > self.kernel_rows and cpu_kernels.native_bfloat16_gemm():
-            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-            return F.linear(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
+        if self.storage == "bfloat16" and rows > self.kernel_rows:
+            # bfloat16 weights multiply bfloat16 activations, on every path (the kernel rounds its own)
+            xb = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+            if cpu_kernels.native_bfloat16_gemm():
+                bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+                y = F.linear(xb, self.weight, bias)
+            else:
+                y = F.linear(xb.float(), self.dequantized(), self.bias)
+            return y.view(*shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
         if x2.shape[0] <= self.kernel_rows:
             y = cpu_kernels.call(x2, self.weight, self.scale, self.bias)

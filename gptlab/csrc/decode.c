@@ -114,16 +114,17 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
 static const int64_t ELEM_SIZE[] = {4, 2, 1}; /* bytes per weight of GL_F32, GL_BF16, GL_I8 */
 
 /* This thread's share of y (M, n) = x @ W^T: chunks of weight rows claimed through `ctr` (see claim);
- * with `gelu`, the thread also applies GELU to the outputs it wrote (they are still in its cache). */
-static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, const float *xs, int64_t M,
-                        float *y, int tid, int nt, int gelu, gl_counter *ctr) {
+ * with `gelu`, the thread also applies GELU to the outputs it wrote (they are still in its cache).
+ * xq, xs: int8 layers' int16 activations and their scales; xp: bfloat16 layers' (prepare_bf16). */
+static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, const float *xs, const float *xp,
+                        int64_t M, float *y, int tid, int nt, int gelu, gl_counter *ctr) {
     const char *W = (const char *)L->w;
     int64_t chunk = chunk_rows(L->k, ELEM_SIZE[L->kind]), n0, n1;
     int owner = 0;
     while (claim(ctr, L->n, chunk, tid, nt, &owner, &n0, &n1)) {
         switch (L->kind) {
         case GL_F32: range_f32(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
-        case GL_BF16: range_bf16(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+        case GL_BF16: range_bf16(xp, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
         default: range_q8(xq, xs, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
         }
         if (gelu)
@@ -132,15 +133,18 @@ static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, cons
 }
 
 /* A linear layer, called by every thread of the region: one thread converts the input (int8 layers
- * take their activations as int16), each computes its chunks of weight rows, and all wait for the
- * output. `ctr`: this product's zeroed counters, one per thread. */
-static void linear_all(const gl_lin *L, const float *x, int16_t *xq, float *xs, int64_t M, float *y, int tid,
-                       int nt, int gelu, gl_counter *ctr) {
+ * take their activations as int16, bfloat16 ones as bfloat16), each computes its chunks of weight
+ * rows, and all wait for the output. `ctr`: this product's zeroed counters, one per thread. */
+static void linear_all(const gl_lin *L, const float *x, int16_t *xq, float *xs, float *xp, int64_t M, float *y,
+                       int tid, int nt, int gelu, gl_counter *ctr) {
     if (L->kind == GL_I8) {
 #pragma omp single
         quantize_rows(x, M, L->k, xq, xs);
+    } else if (L->kind == GL_BF16) {
+#pragma omp single
+        prepare_bf16(x, M, L->k, xp);
     }
-    linear_part(L, x, xq, xs, M, y, tid, nt, gelu, ctr);
+    linear_part(L, x, xq, xs, xp, M, y, tid, nt, gelu, ctr);
 #pragma omp barrier
 }
 
@@ -246,11 +250,13 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     int64_t wide = F > 3 * C ? F : 3 * C;
     float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * max_len));
     int16_t *xq = malloc(sizeof(int16_t) * M * (F > C ? F : C));
+    float *xp = malloc(sizeof(float) * M * (F > C ? F : C));
     int64_t products = 4 * md->n_layer + 1; /* each with its own counters */
     gl_counter *ctr = aligned_alloc(64, sizeof(gl_counter) * threads * products);
-    if (!x || !xq || !ctr) {
+    if (!x || !xq || !xp || !ctr) {
         free(x);
         free(xq);
+        free(xp);
         free(ctr);
         return 4;
     }
@@ -266,7 +272,7 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
             const gl_block *bl = md->blocks + l;
 #pragma omp single
             layer_norm(x, h, M, C, bl->ln1_w, bl->ln1_b, md->eps);
-            linear_all(&bl->qkv, h, xq, xs, M, big, tid, nt, 0, ctr + (4 * l) * threads);
+            linear_all(&bl->qkv, h, xq, xs, xp, M, big, tid, nt, 0, ctr + (4 * l) * threads);
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < M * nh; bh++) {
                 int64_t b = bh / nh, hd = bh % nh, slot = slots[b];
@@ -275,23 +281,24 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
                 attend(big, C, hs, b, hd, (char *)kcache + off, (char *)vcache + off, kv_half, slot, lo,
                        valid ? valid + (row0 + b) * max_len : NULL, scores + tid * max_len, att);
             }
-            linear_all(&bl->proj, att, xq, xs, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);
+            linear_all(&bl->proj, att, xq, xs, xp, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);
 #pragma omp single
             {
                 for (int64_t i = 0; i < M * C; i++) x[i] += h[i];
                 layer_norm(x, h, M, C, bl->ln2_w, bl->ln2_b, md->eps);
             }
-            linear_all(&bl->fc, h, xq, xs, M, big, tid, nt, 1, ctr + (4 * l + 2) * threads);
-            linear_all(&bl->fc_proj, big, xq, xs, M, att, tid, nt, 0, ctr + (4 * l + 3) * threads);
+            linear_all(&bl->fc, h, xq, xs, xp, M, big, tid, nt, 1, ctr + (4 * l + 2) * threads);
+            linear_all(&bl->fc_proj, big, xq, xs, xp, M, att, tid, nt, 0, ctr + (4 * l + 3) * threads);
 #pragma omp single
             for (int64_t i = 0; i < M * C; i++) x[i] += att[i];
         }
 #pragma omp single
         layer_norm(x, h, M, C, md->lnf_w, md->lnf_b, md->eps);
-        linear_all(&md->head, h, xq, xs, M, logits, tid, nt, 0, ctr + 4 * md->n_layer * threads);
+        linear_all(&md->head, h, xq, xs, xp, M, logits, tid, nt, 0, ctr + 4 * md->n_layer * threads);
     }
     free(x);
     free(xq);
+    free(xp);
     free(ctr);
     return 0;
 }
