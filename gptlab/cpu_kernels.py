@@ -199,7 +199,7 @@ def call(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -
     if weight.dtype == torch.float32:
         _library().gl_linear_f32(x.data_ptr(), M, K, weight.data_ptr(), N, None, _ptr(bias), y.data_ptr(), threads)
     elif weight.dtype == torch.bfloat16:
-        xp = torch.empty(M, K)  # the kernel's de-interleaved copy of x
+        xp = torch.empty((M + 8) * K + 16)  # the kernel's copy of x in its tiles' form
         _library().gl_linear_bf16(
             x.data_ptr(), M, K, weight.data_ptr(), N, None, _ptr(bias), y.data_ptr(), xp.data_ptr(), threads
         )

@@ -25,7 +25,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, scale=None, bias=None) -> t
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16, 41])
-@pytest.mark.parametrize("shape", [(7, 13), (10, 8), (1001, 768)])
+@pytest.mark.parametrize("shape", [(7, 13), (10, 8), (40, 70), (1001, 768)])  # (40, 70): AMX blocks, K % 32
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 def test_kernel_equals_matmul(rows, shape, kind):
     torch.manual_seed(rows)

@@ -124,7 +124,7 @@ static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, cons
     while (claim(ctr, L->n, chunk, tid, nt, &owner, &n0, &n1)) {
         switch (L->kind) {
         case GL_F32: range_f32(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
-        case GL_BF16: range_bf16(xp, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+        case GL_BF16: range_bf16x(xp, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
         default: range_q8(xq, xs, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
         }
         if (gelu)
@@ -250,7 +250,7 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     int64_t wide = F > 3 * C ? F : 3 * C;
     float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * max_len));
     int16_t *xq = malloc(sizeof(int16_t) * M * (F > C ? F : C));
-    float *xp = malloc(sizeof(float) * M * (F > C ? F : C));
+    float *xp = malloc(sizeof(float) * ((M + 8) * (F > C ? F : C) + 16)); /* see gl_linear_bf16 */
     int64_t products = 4 * md->n_layer + 1; /* each with its own counters */
     gl_counter *ctr = aligned_alloc(64, sizeof(gl_counter) * threads * products);
     if (!x || !xq || !xp || !ctr) {
