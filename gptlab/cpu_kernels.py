@@ -142,6 +142,7 @@ def load(path: Path) -> ctypes.CDLL:
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     lib.gl_decode_step.restype = ctypes.c_int
     lib.gl_vector_width.restype = ctypes.c_int
+    lib.gl_amx.restype = ctypes.c_int
     i32 = ctypes.c_int
     lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, i32, p, p, i32]
     return lib
@@ -156,6 +157,12 @@ def vector_width() -> int:
     """Floats per vector in the loaded kernels: 16 (AVX-512), 8 (AVX2), 0 (no kernels)."""
     lib = _library()
     return 0 if lib is None else lib.gl_vector_width()
+
+
+def amx() -> bool:
+    """Whether the loaded kernels multiply bfloat16 weights by 2+ activation rows on AMX tiles."""
+    lib = _library()
+    return lib is not None and bool(lib.gl_amx())
 
 
 def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:

@@ -181,6 +181,8 @@ class KernelLinear(nn.Module):
     # tiles are 16 wide (AVX-512, Xeon, 2 cores): batch 8 680 vs 456 tok/s through fbgemm and torch's
     # operators, 16 816 vs 642, 32 838 vs 818; with AVX2 tiles int8 batches stay on fbgemm
     INT8_STEP_ROWS_AVX512 = 64
+    # bfloat16 layers on AMX tiles: a fused step takes up to MAX_ROWS rows in one call (batch 16: 825
+    # tok/s against 497 in two calls of 8 and 500 through torch's operators)
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None = None, storage: str = "float32", out: Tensor | None = None
@@ -212,6 +214,8 @@ class KernelLinear(nn.Module):
             w, scale = w.to(STORAGE[storage]).contiguous().clone(), None
         if storage == "bfloat16" and cpu_kernels.native_bfloat16_gemm():
             self.kernel_rows = self.BF16_KERNEL_ROWS
+        if storage == "bfloat16" and cpu_kernels.amx():
+            self.step_rows = cpu_kernels.MAX_ROWS
         self.register_buffer("weight", w)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())

@@ -580,5 +580,14 @@ void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N
 /* Floats per vector in the tiles: 16 with AVX-512, else 8 (reported by benchmarks, checked by tests). */
 int gl_vector_width(void) { return VW; }
 
+/* Whether bfloat16 products of 2+ rows run on AMX tiles here (built for AMX, and Linux granted it). */
+int gl_amx(void) {
+#if GL_AMX
+    return amx_ready();
+#else
+    return 0;
+#endif
+}
+
 /* Lets the loader check the ABI it compiled against. */
 int gl_abi_version(void) { return 5; }
