@@ -143,6 +143,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gl_decode_step.restype = ctypes.c_int
     lib.gl_vector_width.restype = ctypes.c_int
     lib.gl_amx.restype = ctypes.c_int
+    lib.gl_read_sum.restype = ctypes.c_double
+    lib.gl_read_sum.argtypes = [p, i64, ctypes.c_int]
     i32 = ctypes.c_int
     lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, i32, p, p, i32]
     return lib
@@ -157,6 +159,16 @@ def vector_width() -> int:
     """Floats per vector in the loaded kernels: 16 (AVX-512), 8 (AVX2), 0 (no kernels)."""
     lib = _library()
     return 0 if lib is None else lib.gl_vector_width()
+
+
+def read_sum(x: Tensor) -> float:
+    """The sum of a contiguous float32 CPU tensor, read by torch's thread count of threads: a plain
+    streaming read, to time this machine's read bandwidth (`benchmarks/decode.py`)."""
+    if _library() is None:
+        raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError("read_sum takes a contiguous float32 CPU tensor")
+    return _library().gl_read_sum(x.data_ptr(), x.numel(), torch.get_num_threads())
 
 
 def amx() -> bool:

@@ -402,3 +402,11 @@ def test_kernel_isa_must_be_known(monkeypatch):
     monkeypatch.setenv("GPTLAB_KERNEL_ISA", "avx9000")
     with pytest.raises(RuntimeError, match="GPTLAB_KERNEL_ISA must be one of"):
         cpu_kernels.build()
+
+
+@needs_kernels
+def test_read_sum_sums():
+    x = torch.randn(100_003)  # not a multiple of any vector width or thread split
+    assert cpu_kernels.read_sum(x) == pytest.approx(x.double().sum().item(), abs=1e-6 * x.abs().sum().item())
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_kernels.read_sum(x[::2])

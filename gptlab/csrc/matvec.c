@@ -580,6 +580,30 @@ void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N
 /* Floats per vector in the tiles: 16 with AVX-512, else 8 (reported by benchmarks, checked by tests). */
 int gl_vector_width(void) { return VW; }
 
+/* The sum of n floats, read by `threads` threads in contiguous parts: how fast this machine streams
+ * memory into cores (benchmarks/decode.py bounds batch-1 decoding by it). */
+double gl_read_sum(const float *p, int64_t n, int threads) {
+    double total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t per = (n / nt + 15) / 16 * 16, i0 = t * per < n ? t * per : n, i1 = i0 + per < n ? i0 + per : n;
+        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+        int64_t i = i0;
+        for (; i + 32 <= i1; i += 32) {
+            prefetch_ahead((const char *)(p + i), 2); /* as the kernels read */
+            a = _mm256_add_ps(a, _mm256_loadu_ps(p + i));
+            b = _mm256_add_ps(b, _mm256_loadu_ps(p + i + 8));
+            c = _mm256_add_ps(c, _mm256_loadu_ps(p + i + 16));
+            d = _mm256_add_ps(d, _mm256_loadu_ps(p + i + 24));
+        }
+        double s = hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+        for (; i < i1; i++) s += p[i];
+        total += s;
+    }
+    return total;
+}
+
 /* Whether bfloat16 products of 2+ rows run on AMX tiles here (built for AMX, and Linux granted it). */
 int gl_amx(void) {
 #if GL_AMX
