@@ -9,8 +9,8 @@ call (`DecodeStep`): as torch operators, the few hundred small operations around
 
 They are compiled with the machine's C compiler (`$CC`, else `cc`) and `-march=native` into
 `$GPTLAB_CACHE` (default `~/.cache/gptlab`), keyed by the sources, compiler, flags and CPU, then
-reused: AVX-512 machines get 16-wide tiles (and VNNI's int16 dot products), others AVX2's 8-wide ones;
-`GPTLAB_KERNEL_ISA=avx2` builds the AVX2 code anywhere.
+reused: AVX-512 machines get 16-lane int8 tiles (and VNNI's int16 dot products) and BF16 / AMX
+bfloat16 ones, others AVX2's; `GPTLAB_KERNEL_ISA=avx2` builds the AVX2 code anywhere.
 Without a compiler, AVX2 + FMA + F16C or OpenMP (other CPUs, slim containers) the build fails once, a
 warning says why, and callers keep torch's own operators. `GPTLAB_CPU_KERNELS=0` turns them off.
 No torch headers are involved, so the build takes a few seconds, not a C++ extension's minute.
@@ -141,7 +141,7 @@ def load(path: Path) -> ctypes.CDLL:
         workspace = [p] if kind != "f32" else []  # the activations as int16 (int8) or de-interleaved (bfloat16)
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     lib.gl_decode_step.restype = ctypes.c_int
-    lib.gl_vector_width.restype = ctypes.c_int
+    lib.gl_avx512.restype = ctypes.c_int
     lib.gl_amx.restype = ctypes.c_int
     lib.gl_read_sum.restype = ctypes.c_double
     lib.gl_read_sum.argtypes = [p, i64, ctypes.c_int]
@@ -155,10 +155,10 @@ def available() -> bool:
     return _library() is not None
 
 
-def vector_width() -> int:
-    """Floats per vector in the loaded kernels: 16 (AVX-512), 8 (AVX2), 0 (no kernels)."""
+def avx512() -> bool:
+    """Whether the loaded kernels were built for AVX-512 (int8 products 16 lanes wide, VNNI)."""
     lib = _library()
-    return 0 if lib is None else lib.gl_vector_width()
+    return lib is not None and bool(lib.gl_avx512())
 
 
 def read_sum(x: Tensor) -> float:

@@ -206,7 +206,7 @@ class KernelLinear(nn.Module):
             if out is not None:  # fbgemm's packed copy is its own; this one serves the kernel and `dequantized`
                 self.dynamic.weight_int8 = w = out.copy_(w)
             self.kernel_rows = self.INT8_KERNEL_ROWS
-            if cpu_kernels.vector_width() == 16:
+            if cpu_kernels.avx512():
                 self.step_rows = min(self.INT8_STEP_ROWS_AVX512, cpu_kernels.MAX_ROWS)
         elif out is not None:
             w, scale = out.copy_(w), None

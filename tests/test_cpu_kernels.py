@@ -371,18 +371,18 @@ def test_beams_and_seeded_samples_on_the_fused_step_follow_the_float_model():
 
 @pytest.fixture(scope="module")
 def avx2_build(tmp_path_factory):
-    if cpu_kernels.vector_width() != 16:
+    if not cpu_kernels.avx512():
         pytest.skip("no AVX-512 here: the native build is the AVX2 code the other tests check")
     lib = cpu_kernels.load(cpu_kernels.build(tmp_path_factory.mktemp("kernels"), isa="avx2"))
-    assert lib.gl_vector_width() == 8
+    assert lib.gl_avx512() == 0
     return lib
 
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 def test_avx2_build_on_an_avx512_machine_computes_alike(avx2_build, kind, monkeypatch):
-    # On an AVX-512 machine every other test runs the 16-wide tiles; the 8-wide AVX2 code that other
-    # CPUs run is checked here, built with -mno-avx512f, by the same tests.
+    # On an AVX-512 machine every other test runs its code (16-lane int8 tiles, BF16, AMX); the AVX2
+    # code that other CPUs run is checked here, built with -mno-avx512f, by the same tests.
     torch.manual_seed(0)
     x, w = torch.randn(5, 768), torch.randn(1001, 768)
     w, scale = quantize_weight(w) if kind == "int8" else (w.to(getattr(torch, kind)), None)

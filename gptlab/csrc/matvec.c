@@ -36,33 +36,16 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Vectors for the tiles: 16 floats on AVX-512 (twice the products per instruction, and 32 registers,
- * room for 4 x 4 tiles at any batch size), else AVX2's 8. `-mno-avx512f` builds the AVX2 code on an
- * AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
+/* Float vectors for the tiles: AVX2's 8 floats, also on AVX-512 machines, where 16-wide float tiles
+ * decoded float32 GPT-2 124M slower at batch 1 (19.6 vs 17.3 ms a token on the Xeon) and no faster
+ * at batch 8; there AVX-512 serves the int8 products (16 int32 lanes, VNNI) and bfloat16 ones (BF16,
+ * AMX), and its 32 registers take tiles of 4 weight rows at any batch size. `-mno-avx512f` builds the
+ * AVX2 code on an AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define GL_AVX512 1
-#define VW 16
-typedef __m512 vfloat;
-static inline vfloat vzero(void) { return _mm512_setzero_ps(); }
-static inline vfloat vload(const float *p) { return _mm512_loadu_ps(p); }
-static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vhsum(vfloat v) { return _mm512_reduce_add_ps(v); }
-static inline vfloat loadv_f32(const void *w, int64_t k) { return _mm512_loadu_ps((const float *)w + k); }
-typedef __m512i vbits;
-static inline vbits bload(const void *p) { return _mm512_loadu_si512(p); }
-static inline vfloat even_bf16(vbits v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
-static inline vfloat odd_bf16(vbits v) {
-    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
-/* The even-indexed, then the odd-indexed values of x[0 .. 2 VW). */
-static inline void deinterleave(const float *x, float *even, float *odd) {
-    __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
-    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    _mm512_storeu_ps(even, _mm512_permutex2var_ps(a, ie, b));
-    _mm512_storeu_ps(odd, _mm512_permutex2var_ps(a, _mm512_add_epi32(ie, _mm512_set1_epi32(1)), b));
-}
 #else
 #define GL_AVX512 0
+#endif
 #define VW 8
 typedef __m256 vfloat;
 static inline vfloat vzero(void) { return _mm256_setzero_ps(); }
@@ -82,7 +65,6 @@ static inline void deinterleave(const float *x, float *even, float *odd) {
     _mm256_storeu_ps(even, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8)));
     _mm256_storeu_ps(odd, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8)));
 }
-#endif
 /* One weight as float32, for the K % VW tail. */
 static inline float load1_f32(const void *w, int64_t k) { return ((const float *)w)[k]; }
 static inline float load1_bf16(const void *w, int64_t k) {
@@ -262,7 +244,7 @@ static inline __attribute__((always_inline)) void tile_bf16(const void *xv, cons
 
 /* Every activation row against weight rows [n0, n1): R rows at a time, so each weight row is read
  * from memory once and then reused, from L1, by the next groups of MB_MAX activation rows. Tiles of
- * 4 weight rows take AVX2's registers at one activation row only. */
+ * 4 weight rows take AVX2's 16 registers at one activation row only; WIDE: at any (AVX-512's 32). */
 #define TILES_OF_ROWS(T, n, R)                                                                          \
     do {                                                                                                \
         int64_t m = 0;                                                                                  \
@@ -274,18 +256,20 @@ static inline __attribute__((always_inline)) void tile_bf16(const void *xv, cons
         }                                                                                               \
     } while (0)
 
-#define DEFINE_RANGE(T)                                                                                 \
+#define DEFINE_RANGE(T, WIDE)                                                                           \
     static void range_##T(const void *x, const float *xs, int64_t M, int64_t K, const char *W,          \
                           int64_t n0, int64_t n1, int64_t N, const float *scale, const float *bias,     \
                           float *y) {                                                                   \
         int64_t n = n0;                                                                                 \
-        for (; n + 4 <= n1 && (GL_AVX512 || M == 1); n += 4) TILES_OF_ROWS(T, n, 4);                    \
+        for (; n + 4 <= n1 && ((WIDE) || M == 1); n += 4) TILES_OF_ROWS(T, n, 4);                      \
         for (; n + 2 <= n1; n += 2) TILES_OF_ROWS(T, n, 2);                                             \
         for (; n < n1; n++) TILES_OF_ROWS(T, n, 1);                                                     \
     }
 
-DEFINE_RANGE(f32)
-DEFINE_RANGE(bf16)
+/* float32: 4-row tiles at 1 activation row only, also on AVX-512 (with them at any row count, batch-1
+ * float32 steps were 6% slower there, 17.3 vs 16.3 ms, and batch 8 no faster) */
+DEFINE_RANGE(f32, 0)
+DEFINE_RANGE(bf16, GL_AVX512)
 
 /* AMX (Sapphire Rapids and later): one tdpbf16ps multiplies a 16 x 32 block of bfloat16 weights by
  * 32 x 16 activations, 8192 products, where vdpbf16ps does 32; one thread reaches ~200 GMAC/s against
@@ -541,7 +525,7 @@ static inline __attribute__((always_inline)) void tile_q8(const void *xv, const 
     }
 }
 
-DEFINE_RANGE(q8)
+DEFINE_RANGE(q8, GL_AVX512)
 
 /* Each row of x (M, K) as int16 in xq, scaled by xs[m] (|xq| <= XQ_MAX). */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *xs) {
@@ -577,8 +561,8 @@ void gl_linear_i8(const float *x, int64_t M, int64_t K, const void *W, int64_t N
     PARALLEL_OVER_ROWS(q8, 1, xq, xs);
 }
 
-/* Floats per vector in the tiles: 16 with AVX-512, else 8 (reported by benchmarks, checked by tests). */
-int gl_vector_width(void) { return VW; }
+/* Whether the kernels were built for AVX-512 (checked by tests). */
+int gl_avx512(void) { return GL_AVX512; }
 
 /* The sum of n floats, read by `threads` threads in contiguous parts: how fast this machine streams
  * memory into cores (benchmarks/decode.py bounds batch-1 decoding by it). */
