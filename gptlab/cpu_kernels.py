@@ -138,7 +138,7 @@ def load(path: Path) -> ctypes.CDLL:
     for kind in KINDS.values():
         fn = getattr(lib, f"gl_linear_{kind}")
         fn.restype = None
-        workspace = [p] if kind != "f32" else []  # the activations as int16 (int8) or de-interleaved (bfloat16)
+        workspace = [p] if kind != "f32" else []  # the activations in the tiles' form: int16, bfloat16
         fn.argtypes = [p, i64, i64, p, i64, p, p, p, *workspace, ctypes.c_int]
     lib.gl_decode_step.restype = ctypes.c_int
     lib.gl_avx512.restype = ctypes.c_int
@@ -162,7 +162,7 @@ def avx512() -> bool:
 
 
 def read_sum(x: Tensor) -> float:
-    """The sum of a contiguous float32 CPU tensor, read by torch's thread count of threads: a plain
+    """The sum of a contiguous float32 CPU tensor, read by as many threads as torch uses: a plain
     streaming read, to time this machine's read bandwidth (`benchmarks/decode.py`)."""
     if _library() is None:
         raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
@@ -346,8 +346,8 @@ class DecodeStep:
         self._keep: list[Tensor] = []
         layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in t.h]
         self.max_rows = min(_step_rows(layer) for layer in (*(x for group in layers for x in group), model.lm_head))
-        # int8 layers hand more rows than their kernel takes to fbgemm's faster GEMM; float layers stop
-        # at MAX_ROWS where torch's GEMM catches up, and bigger batches still gain from several calls
+        # int8 layers hand more rows than a step takes to fbgemm's faster GEMM; float layers stop where
+        # torch's GEMM catches up, and bigger batches still gain from several calls
         self._splits = all(getattr(layer, "dynamic", None) is None for group in layers for layer in group)
         blocks = (_Block * config.n_layer)()
         for i, (block, group) in enumerate(zip(t.h, layers, strict=True)):
