@@ -78,16 +78,19 @@ def test_kernel_rejects_bad_arguments():
 
 
 @needs_kernels
-@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
-def test_kernel_linear_few_and_many_rows_agree(storage):
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "bfloat16-not-native", "int8"])
+def test_kernel_linear_few_and_many_rows_agree(storage, monkeypatch):
+    if storage == "bfloat16-not-native":  # what CPUs without native bfloat16 GEMMs run, on any CPU
+        monkeypatch.setattr(cpu_kernels, "native_bfloat16_gemm", lambda: False)
+        storage = "bfloat16"
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     layer = KernelLinear(linear.weight, linear.bias, storage)
-    x = torch.randn(2, 20, 64)  # 40 rows: a GEMM (int8: fbgemm's dynamic one)
+    x = torch.randn(2, 40, 64)  # 80 rows: a GEMM (int8: fbgemm's dynamic one)
     xin = x.bfloat16().float() if storage == "bfloat16" else x  # bfloat16 weights meet bfloat16 activations
     exact = torch.nn.functional.linear(xin, layer.dequantized(), linear.bias)
     many = layer(x)
-    few = torch.cat([layer(x[:, i : i + 1]) for i in range(20)], dim=1)  # 2 rows at a time: the kernel
+    few = torch.cat([layer(x[:, i : i + 1]) for i in range(40)], dim=1)  # 2 rows at a time: the kernel
     scale = exact.abs().max().item()
     if storage == "int8":
         # the kernel rounds activations to 13 bits per row (~1e-4), fbgemm's dynamic GEMM to 7 bits
@@ -102,7 +105,7 @@ def test_kernel_linear_few_and_many_rows_agree(storage):
     if storage == "float32":
         torch.testing.assert_close(few, linear(x), atol=1e-5, rtol=1e-5)
     if storage == "bfloat16":  # a bfloat16 model's activations: the same products
-        for got in (layer(x.bfloat16()), torch.cat([layer(x[:, i : i + 1].bfloat16()) for i in range(20)], dim=1)):
+        for got in (layer(x.bfloat16()), torch.cat([layer(x[:, i : i + 1].bfloat16()) for i in range(40)], dim=1)):
             assert got.dtype == torch.bfloat16
             torch.testing.assert_close(got.float(), exact, atol=2**-8 * scale, rtol=0)  # bfloat16 output
 
