@@ -177,12 +177,6 @@ class KernelLinear(nn.Module):
     # measured with AMX (Xeon, 2 cores, a 3072 x 768 layer): kernel 0.18 vs oneDNN 0.21 ms at 8 rows,
     # 0.38 vs 0.22 at 16, 0.75 vs 0.26 at 32
     BF16_KERNEL_ROWS = 8
-    # rows of int8 layers a fused decoding step (`cpu_kernels.DecodeStep`) takes in one call, where its
-    # tiles are 16 wide (AVX-512, Xeon, 2 cores): batch 8 680 vs 456 tok/s through fbgemm and torch's
-    # operators, 16 816 vs 642, 32 838 vs 818; with AVX2 tiles int8 batches stay on fbgemm
-    INT8_STEP_ROWS_AVX512 = 64
-    # bfloat16 layers on AMX tiles: a fused step takes up to MAX_ROWS rows in one call (batch 16: 825
-    # tok/s against 497 in two calls of 8 and 500 through torch's operators)
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None = None, storage: str = "float32", out: Tensor | None = None
@@ -206,16 +200,18 @@ class KernelLinear(nn.Module):
             if out is not None:  # fbgemm's packed copy is its own; this one serves the kernel and `dequantized`
                 self.dynamic.weight_int8 = w = out.copy_(w)
             self.kernel_rows = self.INT8_KERNEL_ROWS
-            if cpu_kernels.avx512():
-                self.step_rows = min(self.INT8_STEP_ROWS_AVX512, cpu_kernels.MAX_ROWS)
+            if cpu_kernels.avx512():  # 16-lane tiles: a fused step takes up to MAX_ROWS rows in one call
+                # (Xeon, 2 cores: batch 8 680 vs 456 tok/s through fbgemm and torch's operators, 16 816
+                # vs 642, 32 838 vs 818); with AVX2 tiles int8 batches stay on fbgemm
+                self.step_rows = cpu_kernels.MAX_ROWS
         elif out is not None:
             w, scale = out.copy_(w), None
         else:
             w, scale = w.to(STORAGE[storage]).contiguous().clone(), None
         if storage == "bfloat16" and cpu_kernels.native_bfloat16_gemm():
             self.kernel_rows = self.BF16_KERNEL_ROWS
-        if storage == "bfloat16" and cpu_kernels.amx():
-            self.step_rows = cpu_kernels.MAX_ROWS
+        if storage == "bfloat16" and cpu_kernels.amx():  # likewise on AMX tiles (batch 16: 825 tok/s
+            self.step_rows = cpu_kernels.MAX_ROWS  # against 497 in two calls of 8, 500 through torch)
         self.register_buffer("weight", w)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())

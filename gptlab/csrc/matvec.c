@@ -36,81 +36,60 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Float vectors for the tiles: AVX2's 8 floats, also on AVX-512 machines, where 16-wide float tiles
- * decoded float32 GPT-2 124M slower at batch 1 (19.6 vs 17.3 ms a token on the Xeon) and no faster
- * at batch 8; there AVX-512 serves the int8 products (16 int32 lanes, VNNI) and bfloat16 ones (BF16,
- * AMX), and its 32 registers take tiles of 4 weight rows at any batch size. `-mno-avx512f` builds the
- * AVX2 code on an AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
+/* Float tiles use AVX2's 8-float vectors, also on AVX-512 machines, where 16-wide float tiles decoded
+ * float32 GPT-2 124M slower at batch 1 (19.6 vs 17.3 ms a token on the Xeon) and no faster at batch 8;
+ * there AVX-512 serves the int8 products (16 int32 lanes, VNNI) and bfloat16 ones (BF16, AMX), and its
+ * 32 registers take tiles of 4 weight rows at any batch size. `-mno-avx512f` builds the AVX2 code on an
+ * AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define GL_AVX512 1
 #else
 #define GL_AVX512 0
 #endif
-#define VW 8
-typedef __m256 vfloat;
-static inline vfloat vzero(void) { return _mm256_setzero_ps(); }
-static inline vfloat vload(const float *p) { return _mm256_loadu_ps(p); }
-static inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vhsum(vfloat v) { return hsum(v); }
-static inline vfloat loadv_f32(const void *w, int64_t k) { return _mm256_loadu_ps((const float *)w + k); }
-typedef __m256i vbits;
-static inline vbits bload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static inline vfloat even_bf16(vbits v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-static inline vfloat odd_bf16(vbits v) {
-    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+#define VW 8 /* floats per vector */
+
+/* One tile: MB activation rows (m0..) against R float32 weight rows (n0..). MB and R are compile-time
+ * constants at every call site, so the accumulators live in registers (MB * R <= 8 of AVX2's 16,
+ * <= 16 of AVX-512's 32). */
+static inline __attribute__((always_inline)) void tile_f32(const void *xv, const float *xs, int64_t K,
+                                                           const char *W, int64_t n0, int64_t N,
+                                                           const float *scale, const float *bias, float *y,
+                                                           int64_t m0, int MB, int R) {
+    const float *x = (const float *)xv; /* float activations: no per-row scale */
+    (void)xs;
+    __m256 acc[MB_MAX][4];
+    const float *rows[4];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+        rows[r] = (const float *)W + (n0 + r) * K;
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) {
+        __m256 w[4];
+        prefetch_ahead((const char *)rows[0] + R * 4 * k, (R * 4 * VW + 63) / 64);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = _mm256_loadu_ps(rows[r] + k);
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
+            __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            float s = hsum(acc[m][r]);
+            for (int64_t j = k; j < K; j++) s += x[(m0 + m) * K + j] * rows[r][j];
+            int64_t n = n0 + r;
+            if (scale) s *= scale[n];
+            if (bias) s += bias[n];
+            y[(m0 + m) * N + n] = s;
+        }
+    }
 }
-static inline void deinterleave(const float *x, float *even, float *odd) {
-    __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
-    /* shuffle_ps pairs within 128-bit lanes: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit order 0 2 1 3 */
-    _mm256_storeu_ps(even, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8)));
-    _mm256_storeu_ps(odd, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8)));
-}
-/* One weight as float32, for the K % VW tail. */
-static inline float load1_f32(const void *w, int64_t k) { return ((const float *)w)[k]; }
+
+/* One bfloat16 weight as float32, for the tiles' K tails. */
 static inline float load1_bf16(const void *w, int64_t k) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)((const uint16_t *)w)[k] << 16};
     return c.f;
 }
-
-/* One tile: MB activation rows (m0..) against R weight rows (n0..). MB and R are compile-time
- * constants at every call site, so the accumulators live in registers (MB * R <= 8 of AVX2's 16,
- * <= 16 of AVX-512's 32). */
-#define DEFINE_TILE(T, ELEM)                                                                            \
-    static inline __attribute__((always_inline)) void tile_##T(                                         \
-        const void *xv, const float *xs, int64_t K, const char *W, int64_t n0, int64_t N,               \
-        const float *scale, const float *bias, float *y, int64_t m0, int MB, int R) {                   \
-        const float *x = (const float *)xv; /* float activations: no per-row scale */                   \
-        (void)xs;                                                                                       \
-        vfloat acc[MB_MAX][4];                                                                          \
-        const char *rows[4];                                                                            \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                           \
-            rows[r] = W + (n0 + r) * K * (int64_t)(ELEM);                                               \
-            _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = vzero();                   \
-        }                                                                                               \
-        int64_t k = 0;                                                                                  \
-        for (; k + VW <= K; k += VW) {                                                                  \
-            vfloat w[4];                                                                                \
-            prefetch_ahead(rows[0] + R * (ELEM) * k, (R * (ELEM) * VW + 63) / 64);                      \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = loadv_##T(rows[r], k);           \
-            _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                      \
-                vfloat xv = vload(x + (m0 + m) * K + k);                                                \
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[m][r] =                         \
-                    vfma(xv, w[r], acc[m][r]);                                                          \
-            }                                                                                           \
-        }                                                                                               \
-        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {                                          \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                       \
-                float s = vhsum(acc[m][r]);                                                             \
-                for (int64_t j = k; j < K; j++) s += x[(m0 + m) * K + j] * load1_##T(rows[r], j);       \
-                int64_t n = n0 + r;                                                                     \
-                if (scale) s *= scale[n];                                                               \
-                if (bias) s += bias[n];                                                                 \
-                y[(m0 + m) * N + n] = s;                                                                \
-            }                                                                                           \
-        }                                                                                               \
-    }
-
-DEFINE_TILE(f32, 4)
 
 /* bfloat16 weights multiply bfloat16 activations (rounded to nearest even, as torch's bfloat16
  * matmuls take them; products are exact in float32, sums float32). With AVX-512 BF16, vdpbf16ps
@@ -131,6 +110,7 @@ static inline float round_bf16(float v) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 #define GL_AMX 1 /* see amx_rows */
 #define AMX_MIN_ROWS 2
+static int amx_ready(void);
 static void amx_pack(const uint16_t *xb, int64_t M, int64_t K);
 #else
 #define GL_AMX 0
@@ -152,7 +132,7 @@ static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp) {
         }
     }
 #if GL_AMX
-    if (M >= AMX_MIN_ROWS) amx_pack(xb, M, K);
+    if (M >= AMX_MIN_ROWS && amx_ready()) amx_pack(xb, M, K); /* what amx_rows reads */
 #endif
 }
 
@@ -189,6 +169,19 @@ static inline __attribute__((always_inline)) void tile_bf16(const void *xv, cons
     }
 }
 #else
+/* The even- and odd-indexed weights of 16 bfloat16 read as 8 32-bit lanes, as floats. */
+static inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 odd_bf16(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+/* The even-indexed, then the odd-indexed values of x[0 .. 16). */
+static inline void deinterleave(const float *x, float *even, float *odd) {
+    __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
+    /* shuffle_ps pairs within 128-bit lanes: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit order 0 2 1 3 */
+    _mm256_storeu_ps(even, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8)));
+    _mm256_storeu_ps(odd, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8)));
+}
+
 /* xp: each row of x rounded to bfloat16 (as floats) and de-interleaved. */
 static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp) {
     float *xf = xp;
@@ -209,30 +202,30 @@ static inline __attribute__((always_inline)) void tile_bf16(const void *xv, cons
                                                             int64_t m0, int MB, int R) {
     const float *x = (const float *)xv; /* rounded and de-interleaved */
     (void)xs, (void)scale;
-    vfloat acc[MB_MAX][4];
+    __m256 acc[MB_MAX][4];
     const uint16_t *rows[4];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
         rows[r] = (const uint16_t *)W + (n0 + r) * K;
-        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = vzero();
+        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();
     }
     int64_t k = 0;
     for (; k + 2 * VW <= K; k += 2 * VW) {
-        vfloat lo[4], hi[4];
+        __m256 lo[4], hi[4];
         prefetch_ahead((const char *)rows[0] + R * 2 * k, (R * 4 * VW + 63) / 64);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            vbits b = bload(rows[r] + k);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(rows[r] + k));
             lo[r] = even_bf16(b);
             hi[r] = odd_bf16(b);
         }
         _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
-            vfloat xe = vload(x + (m0 + m) * K + k), xo = vload(x + (m0 + m) * K + k + VW);
+            __m256 xe = _mm256_loadu_ps(x + (m0 + m) * K + k), xo = _mm256_loadu_ps(x + (m0 + m) * K + k + VW);
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[m][r] =
-                vfma(xo, hi[r], vfma(xe, lo[r], acc[m][r]));
+                _mm256_fmadd_ps(xo, hi[r], _mm256_fmadd_ps(xe, lo[r], acc[m][r]));
         }
     }
     _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            float s = vhsum(acc[m][r]);
+            float s = hsum(acc[m][r]);
             for (int64_t j = k; j < K; j++) s += x[(m0 + m) * K + j] * load1_bf16(rows[r], j);
             int64_t n = n0 + r;
             if (bias) s += bias[n];
