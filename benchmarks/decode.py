@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 run, 32 new tokens, 256 prefill")
     p.add_argument("--layers", type=int, default=12, help="fewer blocks for a smoke test (GPT-2 124M: 12)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE", help="also draw them as a PNG bar chart")
     p.add_argument(
         "--in-process", action="store_true",
         help="time all engines in one process (default: one process per engine; see the module docstring)",
@@ -339,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality-checkpoint", default=None, help="trained checkpoint (default: the random weights)")
     p.add_argument("--quality-data", default=None, help="held-out text file or .bin token shard")
     args = p.parse_args(argv)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        p.error(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
     if args.quick:
         args.runs, args.new_tokens, args.prefill = 1, 32, 256
     torch.set_num_threads(args.threads)
@@ -464,7 +467,37 @@ def report(results: list[dict], bandwidth: float, args: argparse.Namespace, meas
     if args.json:
         summary = dict(bandwidth_gbs=bandwidth, bandwidth_measured=measured, threads=args.threads, results=results)
         Path(args.json).write_text(json.dumps(summary, indent=2))
+    if getattr(args, "plot", None):
+        print(f"wrote {plot(results, args.batch, args.plot)}", file=sys.stderr)
     return results
+
+
+def plot(results: list[dict], batch: int, path: str | Path) -> Path:
+    """Tokens/s per engine and precision, batch 1 (with each precision's bandwidth bound as a line)
+    and batch `batch`, side by side, as a PNG."""
+    from gptlab.reports.plots import _figure, _save
+
+    precisions = [p for p in BYTES if any(r["precision"] == p for r in results)]
+    engines = list(dict.fromkeys(r["engine"] for r in results))
+    by = {(r["engine"], r["precision"]): r for r in results}
+    fig = _figure(figsize=(11, 4.2), layout="constrained")
+    width = 0.8 / len(engines)
+    for ax, key, title in zip(fig.subplots(1, 2), ("b1", f"b{batch}"), ("batch 1", f"batch {batch}"), strict=True):
+        for i, engine in enumerate(engines):
+            xs = [j + (i - (len(engines) - 1) / 2) * width for j in range(len(precisions))]
+            ys = [(by.get((engine, p)) or {}).get(key) or 0 for p in precisions]
+            ax.bar(xs, ys, width, label=engine)
+        if key == "b1":
+            for j, p in enumerate(precisions):
+                bounds = [r["bound_b1"] for r in results if r["precision"] == p and r.get("bound_b1")]
+                if bounds:
+                    ax.hlines(statistics.median(bounds), j - 0.45, j + 0.45, colors="black", linestyles="dashed")
+        ax.set_xticks(range(len(precisions)), precisions)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(title + (" (dashed: bandwidth bound)" if key == "b1" else ""))
+    fig.axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("GPT-2 124M decoding on CPU (benchmarks/decode.py)")
+    return _save(fig, path)
 
 
 def markdown(results: list[dict], batch: int, bandwidth: float, args: argparse.Namespace) -> str:
