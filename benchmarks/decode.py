@@ -468,11 +468,11 @@ def report(results: list[dict], bandwidth: float, args: argparse.Namespace, meas
         summary = dict(bandwidth_gbs=bandwidth, bandwidth_measured=measured, threads=args.threads, results=results)
         Path(args.json).write_text(json.dumps(summary, indent=2))
     if getattr(args, "plot", None):
-        print(f"wrote {plot(results, args.batch, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot(results, args.batch, args.layers, args.plot)}", file=sys.stderr)
     return results
 
 
-def plot(results: list[dict], batch: int, path: str | Path) -> Path:
+def plot(results: list[dict], batch: int, layers: int, path: str | Path) -> Path:
     """Tokens/s per engine and precision, batch 1 (with each precision's bandwidth bound as a line)
     and batch `batch`, side by side, as a PNG."""
     from gptlab.reports.plots import _figure, _save
@@ -496,7 +496,7 @@ def plot(results: list[dict], batch: int, path: str | Path) -> Path:
         ax.set_ylabel("tokens/s")
         ax.set_title(title + (" (dashed: bandwidth bound)" if key == "b1" else ""))
     fig.axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("GPT-2 124M decoding on CPU (benchmarks/decode.py)")
+    fig.suptitle(f"GPT-2 124M ({layers} layers) decoding on CPU (benchmarks/decode.py)")
     return _save(fig, path)
 
 
