@@ -45,7 +45,7 @@ BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 @functools.cache
 def _read_buffer(mb: int) -> torch.Tensor:
-    from gptlab import cpu_kernels
+    from gptlab.infer.cpu import kernels as cpu_kernels
 
     buffer = cpu_kernels.huge_page_buffer(mb * 2**20).view(torch.float32)  # in huge pages, as the weights
     return buffer.fill_(1.0)
@@ -53,9 +53,9 @@ def _read_buffer(mb: int) -> torch.Tensor:
 
 def measure_bandwidth(mb: int = 1024, repeats: int = 7) -> float:
     """GB/s at which the cores stream a large buffer (1 GiB: well beyond the caches), read as the
-    kernels read their weights (`gptlab.cpu_kernels.read_sum`: vector loads with software prefetch);
+    kernels read their weights (`gptlab.infer.cpu.kernels.read_sum`: vector loads with software prefetch);
     without the kernels, torch's sum (which reads more slowly here, so the bound is lower)."""
-    from gptlab import cpu_kernels
+    from gptlab.infer.cpu import kernels as cpu_kernels
 
     buffer = _read_buffer(mb)
     read = cpu_kernels.read_sum if cpu_kernels.available() else torch.sum
@@ -79,8 +79,9 @@ def weight_bytes_per_token(config, precision: str) -> int:
 # ---- engines: each returns {workload: callable} ---------------------------------------------------
 def gptlab_engine(hf_dir: Path, precision: str, compile: bool, kernels: bool = True) -> dict[str, Callable[[], int]]:
     from gptlab.checkpoint import load_model
-    from gptlab.decoder import Decoder
-    from gptlab.generate import generate_ids, prepare_model
+    from gptlab.infer.engine import InferenceEngine
+    from gptlab.infer.generate import generate_ids
+    from gptlab.infer.prepare import prepare_model
 
     # What `gptlab generate --dtype ... [--quantize int8] [--compile]` runs.
     model = load_model(hf_dir, dtype=torch.bfloat16 if precision == "bf16" else None)
@@ -96,7 +97,8 @@ def gptlab_engine(hf_dir: Path, precision: str, compile: bool, kernels: bool = T
 
     def prefill(prompt: list[int]) -> Callable[[], int]:
         def run() -> int:
-            Decoder(model, 1, len(prompt) + 1).prefill([prompt])
+            engine = InferenceEngine(model, kv_cache_tokens=len(prompt) + 16, prefix_caching=False)
+            engine.forward([engine.sequence(prompt)])
             return len(prompt)
 
         return run
@@ -195,10 +197,10 @@ def quality(checkpoint: Path, data: Path | None, max_tokens: int = 8192) -> list
     token shard; default: the repository's docs."""
     import numpy as np
 
-    from gptlab import cpu_kernels
     from gptlab.checkpoint import load_model, load_tokenizer
-    from gptlab.generate import prepare_model
-    from gptlab.quantize import quantize_int8
+    from gptlab.infer.cpu import kernels as cpu_kernels
+    from gptlab.infer.prepare import prepare_model
+    from gptlab.infer.quantize import quantize_int8
 
     config = load_model(checkpoint).config
     if data is not None and data.suffix == ".bin":
@@ -260,9 +262,8 @@ def cache_quality(checkpoint: Path, windows: torch.Tensor) -> list[dict]:
     import numpy as np
 
     from gptlab.checkpoint import load_model
-    from gptlab.decoder import Decoder
-    from gptlab.generate import prepare_model
-    from gptlab.model import KVCache
+    from gptlab.infer.engine import InferenceEngine
+    from gptlab.infer.prepare import prepare_model
 
     rows = []
     for precision in ("bf16", "int8"):
@@ -272,10 +273,12 @@ def cache_quality(checkpoint: Path, windows: torch.Tensor) -> list[dict]:
         for cache_dtype in (torch.float32, torch.float16):
             nll, top = [], []
             for w in windows:
-                decoder = Decoder(model, 1, len(w))
-                decoder.cache = KVCache(model.config, 1, len(w), dtype=cache_dtype)
-                logits = [decoder.prefill([w[:1].tolist()])]
-                logits += [decoder.step(w[t : t + 1]) for t in range(1, len(w) - 1)]
+                engine = InferenceEngine(model, kv_cache_tokens=len(w), prefix_caching=False, kv_dtype=cache_dtype)
+                seq = engine.sequence(w[:1].tolist())
+                logits = [engine.forward([seq])]
+                for t in range(1, len(w) - 1):
+                    seq.tokens.append(int(w[t]))
+                    logits.append(engine.forward([seq]))
                 logp = torch.cat(logits).log_softmax(-1)
                 nll.append(-logp.gather(1, w[1:, None]).mean().item())
                 top.append(logp.argmax(-1))

@@ -158,7 +158,7 @@ def gptlab_decode_tps(
 ) -> float:
     """The baseline: gptlab's own greedy decoding (fp32, eager) on the same weights."""
     from gptlab.checkpoint import load_model
-    from gptlab.generate import generate_ids
+    from gptlab.infer.generate import generate_ids
 
     model = load_model(model_dir)
     prompts = _prompts(batch, prompt_len)

@@ -5,10 +5,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from gptlab.config import ModelConfig  # noqa: E402
-from gptlab.model import GPT, KVCache  # noqa: E402
+from gptlab.model import GPT  # noqa: E402
 from gptlab.presets import PRESETS, preset  # noqa: E402
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "PRESETS", "Tokenizer", "__version__", "preset"]
+__all__ = ["GPT", "ModelConfig", "PRESETS", "Tokenizer", "__version__", "preset"]
 
 
 def __getattr__(name: str):
@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return Tokenizer
     if name == "generate":
-        from gptlab.generate import generate
+        from gptlab.infer import generate
 
         return generate
     raise AttributeError(f"module 'gptlab' has no attribute {name!r}")

@@ -265,7 +265,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from dataclasses import fields
 
-    from gptlab.sampling import SamplingParams
+    from gptlab.infer.sampling import SamplingParams
 
     d = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
     p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as it is produced")
@@ -294,7 +294,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     option("--device", default="cpu", help="torch device")
 
     def run(args: argparse.Namespace) -> int:
-        from gptlab.generate import load_for_generation, run_generate
+        from gptlab.infer.generate import run_generate
+        from gptlab.infer.prepare import load_for_generation
 
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -374,6 +375,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one)")
+    p.add_argument(
+        "--kv-cache-tokens", type=int, default=None,
+        help="tokens the paged KV cache holds (default: what fits a quarter of the free memory, at most "
+        "max-concurrent full contexts); requests are admitted by its free blocks",
+    )
+    p.add_argument(
+        "--no-prefix-caching", dest="prefix_caching", action="store_false",
+        help="do not reuse the cached keys and values of prompts that start alike",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.serve.app import serve
@@ -387,7 +397,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
             max_concurrent=args.max_concurrent, max_queue=args.max_queue, device=args.device,
             dtype=args.dtype, limits=limits, log_level=args.log_level, threads=args.threads,
-            quantize=args.quantize,
+            quantize=args.quantize, kv_cache_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching,
         )
         return 0
 

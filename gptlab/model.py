@@ -15,60 +15,6 @@ from torch import Tensor, nn
 
 from gptlab.config import ModelConfig
 
-HALF_MAX = torch.finfo(torch.float16).max
-
-
-def to_cache(x: Tensor, cache: Tensor) -> Tensor:
-    """Keys or values `x` as a KV cache of `cache`'s dtype stores them: a float16 cache holds values
-    beyond its range as its largest finite value, not inf (as gptlab's CPU kernels write them)."""
-    return x.clamp(-HALF_MAX, HALF_MAX) if cache.dtype == torch.float16 and x.dtype != torch.float16 else x
-
-
-def kv_cache_dtype(model: nn.Module, rows: int, split: bool = False) -> torch.dtype:
-    """The dtype of a KV cache for `rows` rows of `model`: where its CPU kernels will run them, theirs
-    (float16 for bfloat16 / int8 weights), else the embeddings' (the activations' dtype)."""
-    fused = getattr(model, "cpu_decode_step", None)
-    return fused.cache_dtype_for(rows, split) if fused is not None else model.transformer.wte.weight.dtype
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for a whole generation run.
-
-    Layout (n_layer, B, nh, max_len, hs). Slots are filled left to right; `valid[b, s]` is False for
-    slots that hold padding (left-padded prompts), so no query attends to them.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        self.length = 0  # slots filled so far
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` of the batch (beam search, or dropping finished sequences)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-        self.valid = self.valid.index_select(0, index)
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
 
 def banded_causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int, dropout_p: float = 0.0) -> Tensor:
     """Causal attention where each query sees only itself and the `window - 1` keys before it.
@@ -120,31 +66,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is not None:
-            start, end = cache.length, cache.length + T
-            cache.k[self.layer, :, :, start:end] = to_cache(k, cache.k)
-            cache.v[self.layer, :, :, start:end] = to_cache(v, cache.v)
-            if mask is None:  # plain prefill from an empty cache: same as no cache
-                y = self._attend(q, k, v, dropout_p)
-            else:
-                lo = max(0, start - self.window + 1) if self.local else 0  # keys outside the band: skip
-                keys = cache.k[self.layer, :, :, lo:end].to(q.dtype)
-                values = cache.v[self.layer, :, :, lo:end].to(q.dtype)
-                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[..., lo:end])
-        else:
-            y = self._attend(q, k, v, dropout_p)
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+        """Causal attention of q over k, v (B, nh, T, hs), all from position 0: dense, or this layer's band."""
         if self.local and q.shape[2] > self.window:
             return banded_causal_attention(q, k, v, self.window, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -171,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -208,24 +142,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        *,
-        cache: KVCache | None = None,
-        positions: Tensor | None = None,
-        last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) and, given targets, the mean loss.
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) and, given targets, the mean loss. Targets equal to -1 are ignored.
 
-        Targets equal to -1 are ignored. With a `cache`, `idx` continues the cached sequence;
-        `positions` (B, T) overrides the position ids (left-padded batches).
+        The reference forward for training and scoring; cached decoding is `gptlab.infer`'s.
         """
-        x = self.features(idx, cache=cache, positions=positions)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.logits(x)
+        logits = self.logits(self.features(idx))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -233,55 +155,29 @@ class GPT(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """Project final hidden states (…, C) onto the vocabulary."""
-        if self.lm_head is not None:  # called as a module so gptlab.quantize can swap in an int8 head
+        if self.lm_head is not None:  # called as a module so gptlab.infer.quantize can swap in an int8 head
             return self.lm_head(x)
         return F.linear(x, self.transformer.wte.weight)
 
-    def features(
-        self, idx: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None
-    ) -> Tensor:
+    def features(self, idx: Tensor) -> Tensor:
         """Final hidden states after ln_f, (B, T, C): what the LM head and task heads read."""
-        self._check_input(idx, cache, positions)
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        self._check_input(idx)
+        T = idx.shape[1]
+        positions = torch.arange(T, device=idx.device).unsqueeze(0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        masks = self._cache_masks(cache, T) if cache is not None else (None, None)
         for block in self.transformer.h:
-            x = block(x, cache, masks[block.attn.local])
-        if cache is not None:
-            cache.length += T
+            x = block(x)
         return self.transformer.ln_f(x)
 
-    def _cache_masks(self, cache: KVCache, T: int) -> tuple[Tensor | None, Tensor | None]:
-        """Boolean (B, 1, T, end) masks over cache slots for dense and local layers, or None where
-        plain causal attention over the new tokens is exact (an empty cache with no padding)."""
-        start, end = cache.length, cache.length + T
-        if start == 0 and bool(cache.valid[:, :end].all()):
-            return None, None
-        device = cache.valid.device
-        q = torch.arange(start, end, device=device)[:, None]
-        s = torch.arange(end, device=device)[None, :]
-        causal = s <= q
-        valid = cache.valid[:, None, None, :end]  # (B, 1, 1, end)
-        own = (s == q)[None, None]  # a padding query attends to itself: no all-masked rows (NaN)
-        dense = (causal[None, None] & valid) | own
-        local = (causal & (q - s < self.config.local_window))[None, None] & valid | own
-        return dense, local
-
-    def _check_input(self, idx: Tensor, cache: KVCache | None, positions: Tensor | None) -> None:
+    def _check_input(self, idx: Tensor) -> None:
         if idx.dim() != 2:
             raise ValueError(f"input ids must have shape (batch, time), got {tuple(idx.shape)}")
         if idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input ids must be an integer tensor, got {idx.dtype}")
         T = idx.shape[1]
-        end = T + (cache.length if cache is not None else 0)
-        if cache is not None and end > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; this step needs {end}")
-        if positions is None and end > self.config.n_ctx:
+        if T > self.config.n_ctx:
             raise ValueError(
-                f"sequence of {end} tokens exceeds the context of {self.config.n_ctx}; "
+                f"sequence of {T} tokens exceeds the context of {self.config.n_ctx}; "
                 "truncate the input or use a model with a longer context"
             )
         if torch.compiler.is_compiling() or idx.numel() == 0:
@@ -290,10 +186,6 @@ class GPT(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}")
-        if positions is not None and positions.numel() and int(positions.max()) >= self.config.n_ctx:
-            raise ValueError(
-                f"position {int(positions.max())} exceeds the context of {self.config.n_ctx}"
-            )
 
     # ---- sizing --------------------------------------------------------------------------------
     def num_params(self, embeddings: bool = True) -> int:

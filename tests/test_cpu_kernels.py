@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from gptlab import cpu_kernels
-from gptlab.generate import generate_ids, prepare_model
-from gptlab.quantize import KernelLinear, PackedLinear, quantize_weight
+from gptlab.infer.cpu import kernels as cpu_kernels
+from gptlab.infer.generate import generate_ids
+from gptlab.infer.prepare import prepare_model
+from gptlab.infer.quantize import KernelLinear, PackedLinear, quantize_weight
 from tests.test_generate import greedy_recompute, peaked_model
 
 needs_kernels = pytest.mark.skipif(

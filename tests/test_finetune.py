@@ -417,7 +417,7 @@ def test_early_stopping_on_a_plateau(sentiment_base, tmp_path):
 
 # ---- acceptance: prompt -> completion ------------------------------------------------------------
 def test_sft_reverses_words_with_greedy_generation(byte_tokenizer, tmp_path):
-    from gptlab.generate import generate
+    from gptlab.infer.generate import generate
 
     letters = "abcdefgh"
     words = [a + b + c for a in letters for b in letters for c in letters]

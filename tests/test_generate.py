@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gptlab import GPT, ModelConfig
-from gptlab.generate import Decoder, generate, generate_ids, stream
-from gptlab.sampling import SamplingParams, argmax, process_logits, sample_next
+from gptlab.infer.engine import InferenceEngine
+from gptlab.infer.generate import generate, generate_ids, stream
+from gptlab.infer.sampling import SamplingParams, argmax, process_logits, sample_next
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -91,20 +92,30 @@ def test_cached_greedy_equals_full_recompute_padded_batch(pattern):
 
 
 @pytest.mark.parametrize("pattern", ["dense", "alternating"])
-def test_decoder_logits_match_full_forward(pattern):
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_engine_logits_match_full_forward(pattern, block_size):
+    """Prefill rows of different lengths in one batch, then decode them together one token a step:
+    every step's logits equal a forward pass over the whole sequence without any cache."""
     model = peaked_model(attn_pattern=pattern, local_window=3, n_layer=2)
-    prompts = [[3, 1, 4, 1, 5], [9, 2]]
-    continuation = [[7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 5, 6]]
-    decoder = Decoder(model, 2, 12)
-    logits = [decoder.prefill(prompts)]
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [7] * 11]
+    continuation = [[7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]]
+    engine = InferenceEngine(model, kv_cache_tokens=64, block_size=block_size)
+    seqs = [engine.sequence(p) for p in prompts]
+    logits = [engine.forward(seqs)]
     for t in range(6):
-        logits.append(decoder.step(torch.tensor([c[t] for c in continuation])))
+        for seq, c in zip(seqs, continuation, strict=True):
+            seq.tokens.append(c[t])
+        logits.append(engine.forward(seqs))
     with torch.no_grad():
-        for b in range(2):
+        for b in range(len(prompts)):
             full = model(torch.tensor([prompts[b] + continuation[b]]))[0][0]
             ref = full[len(prompts[b]) - 1 :]
             got = torch.stack([step[b] for step in logits])
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    for seq in seqs:
+        engine.free(seq)
+    engine.pool.check()
+    assert engine.pool.in_use == 0
 
 
 # ---- transformers parity -----------------------------------------------------------------------------
@@ -411,7 +422,7 @@ def test_training_mode_restored(byte_tokenizer):
 
 
 def test_int8_quantized_model_close_to_float():
-    from gptlab.quantize import Int8Linear, quantize_int8
+    from gptlab.infer.quantize import Int8Linear, quantize_int8
 
     model = peaked_model(n_embd=64, n_layer=2, vocab_size=128)
     with torch.no_grad():
@@ -429,7 +440,7 @@ def test_int8_quantized_model_close_to_float():
 
 
 def test_packed_float32_linear_same_values():
-    from gptlab.quantize import PackedLinear, pack_float32
+    from gptlab.infer.quantize import PackedLinear, pack_float32
 
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(3, 5, 64)
@@ -443,7 +454,7 @@ def test_packed_float32_linear_same_values():
 
 
 def test_half_linear_exact_for_bfloat16_weights():
-    from gptlab.quantize import HalfLinear, pack_half
+    from gptlab.infer.quantize import HalfLinear, pack_half
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)

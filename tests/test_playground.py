@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("fastapi")
 
 from gptlab.config import ModelConfig  # noqa: E402
-from gptlab.generate import generate  # noqa: E402
+from gptlab.infer.generate import generate  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.serve.app import create_app, serve_in_thread  # noqa: E402
 from gptlab.serve.engine import Engine  # noqa: E402

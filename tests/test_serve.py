@@ -1,5 +1,5 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a live uvicorn on
-127.0.0.1; outputs are checked against `gptlab.generate` (single request, its own KV cache) and a
+127.0.0.1; outputs are checked against `gptlab.infer.generate` (single request, its own KV cache) and a
 no-cache forward pass."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from gptlab.config import ModelConfig  # noqa: E402
-from gptlab.generate import generate  # noqa: E402
+from gptlab.infer.generate import generate  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.serve.app import create_app, serve_in_thread  # noqa: E402
 from gptlab.serve.chat import render_chat  # noqa: E402
@@ -57,10 +57,10 @@ class SlowEngine(Engine):
 
     delay = 0.0
 
-    def _decode(self, tokens):
+    def _decode(self):
         if self.delay:
             time.sleep(self.delay)
-        return super()._decode(tokens)
+        return super()._decode()
 
 
 @pytest.fixture(scope="module")
@@ -362,14 +362,14 @@ def test_a_client_timing_out_on_a_blocking_request_is_cancelled(server, engine):
 
 def test_an_engine_failure_fails_only_that_request(client, engine, tiny_tokenizer, model, monkeypatch):
     boom = tiny_tokenizer.encode("boom")
-    prefill = engine._prefill
+    sequence = engine.core.sequence
 
-    def faulty(group):
-        if group.prompt == boom:
+    def faulty(tokens, **kw):
+        if list(tokens) == boom:
             raise RuntimeError("injected fault")
-        return prefill(group)
+        return sequence(tokens, **kw)
 
-    monkeypatch.setattr(engine, "_prefill", faulty)
+    monkeypatch.setattr(engine.core, "sequence", faulty)
     with ThreadPoolExecutor(2) as pool:
         ok = pool.submit(
             client.completions.create, model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0
@@ -417,7 +417,7 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
 
     import uvicorn
 
-    from gptlab import cpu_kernels
+    from gptlab.infer.cpu import kernels as cpu_kernels
     from gptlab.checkpoint import save_model
     from gptlab.serve.app import serve
 
@@ -442,38 +442,40 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("lengths", [[3, 17, 9], [5, 1, 30, 12, 7, 9, 2, 16, 11, 4, 8]])
 def test_batched_step_on_the_fused_cpu_kernels_equals_the_torch_step(model, tiny_tokenizer, lengths):
-    """Rows of different lengths share one step of gptlab's one-call C decoding step (each row writes
-    its own cache slot and attends up to it; one layer banded, rows inside and past its window); more
-    rows than one call takes run as consecutive calls."""
+    """Rows of different lengths share one step of gptlab's one-call C decoding step through their
+    block tables (one layer banded, rows inside and past its window; some rows sharing prompt blocks);
+    more rows than one call takes run as consecutive calls."""
     import copy
-    from types import SimpleNamespace
 
-    from gptlab import cpu_kernels
-    from gptlab.generate import prepare_model
+    from gptlab.infer.cpu import kernels as cpu_kernels
+    from gptlab.infer.engine import InferenceEngine
+    from gptlab.infer.prepare import prepare_model
 
     if not cpu_kernels.available():
         pytest.skip("gptlab's CPU kernels did not build here (no C compiler or no AVX2)")
     kernel_model = prepare_model(copy.deepcopy(model))
-    fused = kernel_model.cpu_decode_step
-    fused.max_rows = 8  # 11 rows: calls of 8 and 3
-    engine = Engine(kernel_model, tiny_tokenizer, max_concurrent=len(lengths))
-    torch.manual_seed(0)
-    engine.k.normal_()
-    engine.v.normal_()
-    tokens = torch.arange(5, 5 + len(lengths))
-    calls, fn = [], fused._fn
-    fused._fn = lambda *args: calls.append(args[1]) or fn(*args)
-    results = []
-    for step in (fused, None):
-        kernel_model.cpu_decode_step = step
-        engine._rows = [SimpleNamespace(length=n) for n in lengths]
-        k, v = engine.k.clone(), engine.v.clone()
-        engine.k, engine.v = k.clone(), v.clone()
-        results.append((engine._decode(tokens), engine.k, engine.v))
-        engine.k, engine.v = k, v
-    (got, got_k, got_v), (want, want_k, want_v) = results
-    assert [r.length for r in engine._rows] == [n + 1 for n in lengths]
-    assert calls == ([3] if len(lengths) == 3 else [8, 3])
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got_v, want_v, atol=1e-6, rtol=0)
+    results, calls, counted = [], [], []
+    for kernels in (True, False):
+        engine = InferenceEngine(kernel_model, kv_cache_tokens=512, block_size=4, kernels=kernels)
+        if kernels:
+            fused = engine.fast
+            fused.max_rows = 8  # 11 rows: calls of 8 and 3
+            fn = fused._fn
+            fused._fn = lambda *args: calls.append(args[1]) or fn(*args)
+        torch.manual_seed(0)
+        seqs = [engine.sequence(torch.randint(0, 50, (n,)).tolist()) for n in lengths]
+        engine.forward(seqs)
+        seqs.append(engine.fork(seqs[0]))  # shares every block of row 0, its last one copied on write
+        calls.clear()
+        for i, seq in enumerate(seqs):
+            seq.tokens.append(5 + i)
+        results.append(engine.forward(seqs))
+        for seq in seqs:
+            seq.tokens.append(1)
+        results.append(engine.forward(seqs))
+        engine.pool.check()
+        counted += calls
+    rows = len(lengths) + 1
+    assert counted == ([rows] if rows <= 8 else [8, rows - 8]) * 2
+    torch.testing.assert_close(results[0], results[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1], results[3], atol=1e-5, rtol=1e-5)

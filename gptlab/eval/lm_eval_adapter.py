@@ -20,7 +20,7 @@ Python, `TaskManager(include_path=DIR, include_defaults=False)` skips that for l
 
 Scores come from the same code as `gptlab eval`: `loglikelihood` uses lm-eval's context /
 continuation tokenization (`gptlab.eval.scoring.encode_pair`), `loglikelihood_rolling` lm-eval's own
-rolling windows, `generate_until` greedy decoding with `gptlab.generate`.
+rolling windows, `generate_until` greedy decoding with `gptlab.infer.generate`.
 
 `write_lm_eval_task` turns a gptlab task file into an lm-eval task directory (YAML + JSONL per split)
 with the same prompts, so the two harnesses can be run on the same items.

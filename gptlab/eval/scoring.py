@@ -158,10 +158,10 @@ def greedy_until(
     """Greedy completion of each prompt (its own stop strings and token limit), cut before the first
     stop string; end-of-text also stops. Prompts too long for the window lose their oldest tokens.
 
-    Prompts sharing stop strings and limit run as one left-padded batch through `gptlab.generate`.
+    Prompts sharing stop strings and limit run as one left-padded batch through `gptlab.infer.generate`.
     """
-    from gptlab.generate import generate
-    from gptlab.sampling import SamplingParams
+    from gptlab.infer.generate import generate
+    from gptlab.infer.sampling import SamplingParams
 
     groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
     for i, (s, m) in enumerate(zip(stop, max_tokens, strict=True)):

@@ -211,7 +211,7 @@ def generate_sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int
     model = load_model(ckpts[-1])
     tok = load_tokenizer(ckpts[-1])
     try:
-        from gptlab.generate import generate
+        from gptlab.infer.generate import generate
     except ImportError:
         generate = None
     if generate is not None:

@@ -55,6 +55,8 @@ def create_app(
     max_queue: int = 256,
     limits: ServerLimits | None = None,
     engine: Engine | None = None,
+    kv_cache_tokens: int | None = None,
+    prefix_caching: bool = True,
 ) -> "FastAPI":
     """A FastAPI app serving `model`; its engine thread starts and stops with the app's lifespan."""
     fastapi = _import_fastapi()
@@ -65,7 +67,14 @@ def create_app(
 
     from gptlab.serve.playground import playground_html
 
-    engine = engine or Engine(model, tokenizer, max_concurrent=max_concurrent, max_queue=max_queue)
+    engine = engine or Engine(
+        model,
+        tokenizer,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+        kv_cache_tokens=kv_cache_tokens,
+        prefix_caching=prefix_caching,
+    )
     server = Handlers(model, tokenizer, engine, model_name, limits or ServerLimits())
 
     @asynccontextmanager
@@ -289,6 +298,8 @@ def serve(
     log_level: str = "info",
     threads: int | None = None,
     quantize: str | None = None,
+    kv_cache_tokens: int | None = None,
+    prefix_caching: bool = True,
 ) -> None:
     """Load `checkpoint` (and its tokenizer) and serve it with uvicorn until interrupted. On CPU the
     linear layers run on gptlab's decoding kernels (`generate.prepare_model`; quantize='int8': int8)."""
@@ -297,7 +308,7 @@ def serve(
     import uvicorn
 
     from gptlab.checkpoint import load_model, load_tokenizer
-    from gptlab.generate import prepare_model
+    from gptlab.infer.prepare import prepare_model
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if threads is not None:
@@ -326,6 +337,15 @@ def serve(
         max_concurrent=max_concurrent,
         max_queue=max_queue,
         limits=limits,
+        kv_cache_tokens=kv_cache_tokens,
+        prefix_caching=prefix_caching,
+    )
+    kv = app.state.server.engine.stats()["kv_cache"]
+    print(
+        f"gptlab: KV cache of {kv['blocks_total'] * kv['block_size']:,} tokens ({kv['blocks_total']} blocks of "
+        f"{kv['block_size']}, {kv['blocks_total'] * kv['bytes_per_block'] / 2**20:,.0f} MiB {kv['kv_dtype']}), "
+        f"prefix caching {'on' if prefix_caching else 'off'}",
+        flush=True,
     )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)

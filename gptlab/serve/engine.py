@@ -1,20 +1,19 @@
-"""Continuous batching: one loop decodes every active sequence in one batched step.
+"""Continuous batching: the scheduler between HTTP requests and the inference engine.
 
-The KV cache is slot based: one preallocated tensor (n_layer, slots, nh, n_ctx, hs) for keys and one
-for values, a slot per sequence, each sequence at its own length. A decode step writes each row's new
-key/value at that row's own position and masks every row's attention to its own filled slots, so rows
-of any lengths share one step and nothing is ever re-padded. Active sequences always occupy slots
-[0, B): when one finishes, the last active row is moved into its slot (one row copied), so attention
-reads a plain view of the cache, never a gather.
+It only schedules: admission, the queue, preemption, cancellation and streaming. The maths (the KV
+pool, prefill, the decoding step, choosing tokens) is `gptlab.infer`'s, the same code `generate`
+runs, so a request gives the same tokens here as there.
 
-Between two decode steps the loop (a background thread; torch releases the GIL in its kernels):
-drops rows whose client went away, admits queued prompts while slots are free (a B=1 prefill each,
-its cache copied into `n` slots for `n` samples), samples the next token of every row with that row's
-own `SamplingParams` (the same `process_logits` / `sample_next` as `gptlab.generate`, so a request
-gives the same tokens here as there), retires finished rows, and runs one batched decode step.
+Between two decoding steps the loop (a background thread; torch releases the GIL in its kernels):
+drops rows whose client went away; admits preempted rows, then queued prompts, while the KV pool
+has free blocks for them (a prompt starting with cached blocks shares them); samples the next token
+of every row with that row's own `SamplingParams`; retires finished rows (their blocks go back, full
+ones stay cached for prefix hits); makes sure every row has a block for its next token, preempting
+the most recently admitted rows when the pool runs out (their blocks are freed and their tokens
+recomputed when they resume, usually from the prefix cache); then runs one batched decoding step.
 
-An exception while serving one request fails that request only; one in the shared step fails the
-requests in that step, and the loop carries on.
+A fault in one row (a non-finite sample, a tokenizer error) ends that row's request alone; one in the
+shared step fails the requests in that step, and the loop carries on.
 """
 
 from __future__ import annotations
@@ -24,15 +23,16 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from gptlab.generate import Completion, TokenLogprob, _TextTracker
-from gptlab.model import GPT, KVCache, kv_cache_dtype, to_cache
-from gptlab.sampling import SamplingParams, make_generator, process_logits, sample_next, top_logprobs
+from gptlab.infer.cache import OutOfBlocks
+from gptlab.infer.engine import InferenceEngine, default_cache_tokens
+from gptlab.infer.rows import Completion, Row, TokenLogprob, advance, make_rows, start
+from gptlab.infer.sampling import SamplingParams, top_logprobs
+from gptlab.model import GPT
 from gptlab.serve.jobs import Delta, Finished, Job, PromptLogprobs, QueueFull, deliver
 
 log = logging.getLogger("gptlab.serve")
@@ -51,41 +51,38 @@ class _Group:
 
 
 @dataclass(eq=False)
-class _Seq:
+class _Entry:
+    """A row the server is generating, with the job it answers."""
+
+    row: Row
     group: _Group
-    sample: int
-    slot: int
-    length: int
-    """Tokens in this row's cache slot."""
-    tracker: _TextTracker
-    generator: torch.Generator | None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
     sent_logprobs: int = 0
-    finish_reason: str | None = None
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.group.params
-
-    @property
-    def index(self) -> int:
-        return self.group.prompt_index * self.group.params.n + self.sample
 
     @property
     def gone(self) -> bool:
         job = self.group.job
-        return self.finish_reason is not None or job.cancelled or job.failed
+        return self.row.done or job.cancelled or job.failed
 
 
 class Engine:
-    """Serves many generation requests on one model with continuous batching.
+    """Serves many generation requests on one model with continuous batching over a paged KV cache.
 
-    `max_concurrent` sequences decode together (a request with n samples uses n); up to `max_queue`
-    requests wait beyond that, and `submit` raises QueueFull past it.
+    At most `max_concurrent` sequences decode together (a request with n samples uses n), as many as
+    the KV pool of `kv_cache_tokens` tokens holds (default: what fits a quarter of the free memory,
+    at most max_concurrent full contexts); up to `max_queue` requests wait beyond that, and `submit`
+    raises QueueFull past it.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_concurrent: int = 16, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        max_concurrent: int = 16,
+        max_queue: int = 256,
+        *,
+        kv_cache_tokens: int | None = None,
+        prefix_caching: bool = True,
+    ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if max_queue < 0:
@@ -93,16 +90,15 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
-        c = model.config
-        weight = model.transformer.wte.weight
-        self.max_len = c.n_ctx
-        shape = (c.n_layer, max_concurrent, c.n_head, c.n_ctx, c.head_size)
-        dtype = kv_cache_dtype(model, max_concurrent, split=True)
-        self.k = torch.zeros(shape, device=weight.device, dtype=dtype)
-        self.v = torch.zeros(shape, device=weight.device, dtype=dtype)
-        self._rows: list[_Seq] = []  # row i lives in cache slot i
-        self._logits: Tensor | None = None  # (len(rows), V) next-token logits awaiting sampling
+        self.max_len = model.config.n_ctx
+        if kv_cache_tokens is None:
+            kv_cache_tokens = default_cache_tokens(model, torch.float32, most=max_concurrent * self.max_len)
+        self.core = InferenceEngine(model, kv_cache_tokens=kv_cache_tokens, prefix_caching=prefix_caching)
+        self.pool = self.core.pool
+        self._running: list[_Entry] = []
+        self._logits: Tensor | None = None  # (len(running), V) next-token logits awaiting sampling
         self._pending: deque[_Group] = deque()
+        self._resume: deque[_Entry] = deque()  # preempted rows, first to be admitted again
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -123,12 +119,23 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        for seq in self._rows:
-            seq.group.job._fail("the server is shutting down")
+        for entry in (*self._running, *self._resume):
+            entry.group.job.fail("the server is shutting down")
+            if entry.row.seq is not None:
+                self.core.free(entry.row.seq)
         for group in self._pending:
-            group.job._fail("the server is shutting down")
+            group.job.fail("the server is shutting down")
         self._flush()
-        self._rows, self._pending, self._logits = [], deque(), None
+        self._running, self._pending, self._resume, self._logits = [], deque(), deque(), None
+
+    def wake(self) -> None:
+        """Run the loop now (a job was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def post(self, job: Job, event: object) -> None:
+        """Queue an event for `job`; the loop delivers each step's events together."""
+        self._outbox.append((job, event))
 
     def submit(
         self,
@@ -142,9 +149,7 @@ class Engine:
         `prompt_logprobs`: also report the prompt tokens' logprobs with this many alternatives."""
         params.validate()
         if params.n > self.max_concurrent:
-            raise ValueError(
-                f"n={params.n} exceeds the {self.max_concurrent} concurrent sequences of this server"
-            )
+            raise ValueError(f"n={params.n} exceeds the {self.max_concurrent} concurrent sequences of this server")
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; start it with the end-of-text token")
@@ -153,10 +158,15 @@ class Engine:
                     f"prompt {i} of {len(p)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
                     f"context of {self.max_len}"
                 )
+            need = self._blocks_needed(len(p), params.n, params.max_new_tokens)
+            if need > self.pool.num_blocks:
+                raise ValueError(
+                    f"prompt {i} of {len(p)} tokens with n={params.n} x max_new_tokens={params.max_new_tokens} "
+                    f"needs {need * self.pool.block_size} KV-cache tokens; this server holds "
+                    f"{self.pool.capacity} (--kv-cache-tokens)"
+                )
         job = Job(self, len(prompts) * params.n, asyncio.get_running_loop(), deltas)
-        groups = [
-            _Group(job, list(p), i, params, list(stops), prompt_logprobs) for i, p in enumerate(prompts)
-        ]
+        groups = [_Group(job, list(p), i, params, list(stops), prompt_logprobs) for i, p in enumerate(prompts)]
         with self._cond:
             if len({id(g.job) for g in self._pending}) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
@@ -164,34 +174,42 @@ class Engine:
             self._cond.notify_all()
         return job
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, object]:
         with self._cond:
-            waiting = len({id(g.job) for g in self._pending})
-        return dict(active=len(self._rows), waiting=waiting, slots=self.max_concurrent, **self.counters)
+            waiting = len({id(g.job) for g in self._pending}) + len({id(e.group.job) for e in self._resume})
+        return dict(
+            active=len(self._running),
+            waiting=waiting,
+            slots=self.max_concurrent,
+            **self.counters,
+            kv_cache=self.core.summary(),
+        )
 
     # ---- the loop ----------------------------------------------------------------------------
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._rows and not self._pending:
+                    while not self._stopping and not self._running and not self._pending and not self._resume:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admitted = self._take()
                 try:
-                    self._iteration(admitted)
+                    self._iteration()
                 except Exception as e:  # a fault in the shared step: fail the requests in it, keep serving
                     log.exception("engine step failed")
-                    for seq in self._rows:
-                        seq.group.job._fail(f"generation failed: {type(e).__name__}: {e}")
-                    self.counters["failed"] += len({id(s.group.job) for s in self._rows})
-                    self._rows, self._logits = [], None
+                    self._fail_running(f"generation failed: {type(e).__name__}: {e}")
                 self._flush()
+
+    def _fail_running(self, message: str) -> None:
+        jobs = {id(e.group.job): e.group.job for e in self._running}
+        for job in jobs.values():
+            job.fail(message)
+        self.counters["failed"] += len(jobs)
+        for entry in self._running:
+            if entry.row.seq is not None:
+                self.core.free(entry.row.seq)
+        self._running, self._logits = [], None
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
@@ -206,82 +224,127 @@ class Engine:
                 for job, _ in items:
                     job.cancelled = True
 
-    def _take(self) -> list[_Group]:
-        """Queued groups that fit the free slots, first come first served (caller holds the lock)."""
-        free = self.max_concurrent - len(self._rows)
-        taken = []
-        while self._pending:
-            group = self._pending[0]
-            job = group.job
-            if job.cancelled or job.failed:
-                self._pending.popleft()
-                continue
-            need = group.params.n if group.params.max_new_tokens else 0
-            if need > free:
-                break
-            taken.append(self._pending.popleft())
-            free -= need
-        return taken
+    def _iteration(self) -> None:
+        self._retire()
+        self._admit()
+        if not self._running:
+            return
+        assert self._logits is not None
+        self._sample()
+        self._retire()
+        self._flush()  # clients see this step's tokens before the next decoding step runs
+        if self._running:
+            self._make_room()
+        self._logits = self._decode() if self._running else None
 
-    def _iteration(self, admitted: list[_Group]) -> None:
-        if any(seq.gone for seq in self._rows):
-            self._count_cancelled()
-            self._logits = self._compact(self._logits)
-        for group in admitted:
+    # ---- admission ---------------------------------------------------------------------------
+    def _blocks_needed(self, prompt: int, n: int, new: int = 1) -> int:
+        """Blocks a group needs: its prompt once, and each sample its new tokens and a copied block."""
+        return self.pool.blocks_for(prompt) + n * (self.pool.blocks_for(new) + 1)
+
+    def _admit(self) -> None:
+        """Preempted rows first, then queued prompts, first come first served, while the pool has
+        blocks for their prompts and the batch has room."""
+        room = self.max_concurrent - len(self._running)
+        with self._cond:
+            resume = []
+            while self._resume and room > 0:
+                entry = self._resume[0]
+                if entry.gone:
+                    self._resume.popleft()
+                    continue
+                if self._blocks_needed(len(entry.row.prompt) + len(entry.row.ids), 1) > self.pool.available:
+                    break
+                resume.append(self._resume.popleft())
+                room -= 1
+            groups = []
+            budget = self.pool.available - sum(
+                self._blocks_needed(len(e.row.prompt) + len(e.row.ids), 1) for e in resume
+            )
+            while self._pending and not self._resume:
+                group = self._pending[0]
+                if group.job.cancelled or group.job.failed:
+                    self._pending.popleft()
+                    continue
+                n = group.params.n if group.params.max_new_tokens else 0
+                need = self._blocks_needed(len(group.prompt), n)
+                if n > room or need > budget:
+                    break
+                groups.append(self._pending.popleft())
+                room, budget = room - n, budget - need
+        if resume:
+            self._prefill([], resume)
+        plain = []
+        for group in groups:
             if group.job.cancelled or group.job.failed:
                 continue
             try:
-                self._prefill(group)
+                if group.prompt_logprobs is not None or not group.params.max_new_tokens:
+                    self._admit_group(group)
+                else:
+                    plain.append(group)
             except Exception as e:
                 log.exception("prefill failed")
                 self.counters["failed"] += 1
-                group.job._fail(f"generation failed: {type(e).__name__}: {e}")
-        if not self._rows:
+                group.job.fail(f"generation failed: {type(e).__name__}: {e}")
+        if plain:
+            self._prefill(plain, [])
+
+    def _prefill(self, groups: list[_Group], resume: list[_Entry]) -> None:
+        entries = [
+            _Entry(row, g)
+            for g in groups
+            for row in make_rows([g.prompt], g.params, self.tokenizer, g.stops, self.pool.k.device)
+        ]
+        for entry in entries:  # make_rows numbers prompts from 0; the job's choice index needs its own
+            entry.row.prompt_index = entry.group.prompt_index
+        try:
+            logits = start(self.core, [e.row for e in entries], [e.row for e in resume])
+        except Exception as e:
+            for entry in (*entries, *resume):
+                if entry.row.seq is not None:
+                    self.core.free(entry.row.seq)
+                    entry.row.seq = None
+            if isinstance(e, OutOfBlocks):  # admission estimated wrong: try again after the next step
+                with self._cond:
+                    self._resume.extendleft(reversed(resume))
+                    self._pending.extendleft(reversed(groups))
+                return
+            log.exception("prefill failed")
+            jobs = {id(x.group.job): x.group.job for x in (*entries, *resume)}
+            self.counters["failed"] += len(jobs)
+            for job in jobs.values():
+                job.fail(f"generation failed: {type(e).__name__}: {e}")
             return
-        assert self._logits is not None
-        chosen = self._sample_and_advance()
-        chosen = self._compact(chosen)
-        self._flush()  # clients see this step's tokens before the next decode step runs
-        self._logits = self._decode(chosen) if self._rows else None
+        self._add([*entries, *resume], logits)
 
-    def _count_cancelled(self) -> None:
-        jobs = {id(s.group.job): s.group.job for s in self._rows if s.group.job.cancelled}
-        self.counters["cancelled"] += len(jobs)
-
-    # ---- prefill -----------------------------------------------------------------------------
-    def _prefill(self, group: _Group) -> None:
-        T, n, params = len(group.prompt), group.params.n, group.params
-        weight = self.k
-        cache = KVCache(self.model.config, 1, T, device=weight.device, dtype=weight.dtype)
-        idx = torch.tensor([group.prompt], dtype=torch.long, device=weight.device)
-        want_prompt = group.prompt_logprobs is not None
-        logits, _ = self.model(idx, cache=cache, last_only=not want_prompt)  # (1, T or 1, V)
-        if want_prompt:
-            group.job._emit(PromptLogprobs(group.prompt_index, self._prompt_logprobs(group, logits[0])))
-        if params.max_new_tokens == 0:
+    def _admit_group(self, group: _Group) -> None:
+        """A prompt whose logprobs are asked for (every position computed, no prefix reuse), or with
+        max_new_tokens = 0 (nothing to decode)."""
+        seq = self.core.sequence(group.prompt, reuse=False, compute=len(group.prompt))
+        try:
+            logits = self.core.forward([seq], [len(group.prompt)])
+        except Exception:
+            self.core.free(seq)
+            raise
+        if group.prompt_logprobs is not None:
+            group.job.emit(PromptLogprobs(group.prompt_index, self._prompt_logprobs(group, logits)))
+        params, n = group.params, group.params.n
+        if not params.max_new_tokens:
+            self.core.free(seq)
             for j in range(n):
-                done = Completion(
-                    "", [], "length", [] if params.logprobs is not None else None, group.prompt_index
-                )
-                group.job._emit(Finished(group.prompt_index * n + j, done, 0))
+                done = Completion("", [], "length", [] if params.logprobs is not None else None, group.prompt_index)
+                group.job.emit(Finished(group.prompt_index * n + j, done, 0))
             return
-        start = len(self._rows)
-        self.k[:, start : start + n, :, :T] = cache.k  # (n_layer, 1 -> n, nh, T, hs)
-        self.v[:, start : start + n, :, :T] = cache.v
-        for j in range(n):
-            self._rows.append(
-                _Seq(
-                    group,
-                    j,
-                    start + j,
-                    T,
-                    _TextTracker(self.tokenizer, group.stops),
-                    make_generator(params.seed, j, weight.device),
-                    logprobs=[] if params.logprobs is not None else None,
-                )
-            )
-        last = logits[:, -1].float().expand(n, -1)
-        self._logits = last if self._logits is None else torch.cat([self._logits, last])
+        rows = make_rows([group.prompt], params, self.tokenizer, group.stops, self.pool.k.device)
+        for j, row in enumerate(rows):
+            row.prompt_index = group.prompt_index
+            row.seq = seq if j == 0 else self.core.fork(seq)
+        self._add([_Entry(row, group) for row in rows], logits[-1:].expand(n, -1))
+
+    def _add(self, entries: list[_Entry], logits: Tensor) -> None:
+        self._running.extend(entries)
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
     def _prompt_logprobs(self, group: _Group, logits: Tensor) -> list[TokenLogprob | None]:
         k = group.prompt_logprobs or 0
@@ -295,124 +358,77 @@ class Engine:
         return out
 
     # ---- sampling and bookkeeping ------------------------------------------------------------
-    def _sample_and_advance(self) -> Tensor:
-        """Choose every row's next token, record it, send its text; returns the tokens (B,)."""
-        rows, logits = self._rows, self._logits
-        assert logits is not None
-        params = [s.params for s in rows]
-        prompts = [s.group.prompt for s in rows] if any(p.repetition_penalty != 1 for p in params) else None
-        processed = process_logits(logits, [s.ids for s in rows], params, prompts)
-        generators = [s.generator for s in rows]
-        chosen = sample_next(
-            processed, params, generators if any(g is not None for g in generators) else None
-        )
-        want = [p.logprobs for p in params if p.logprobs is not None]
-        if want:
-            lp, top_v, top_i = (t.tolist() for t in top_logprobs(logits, chosen, max(want)))
+    def _sample(self) -> None:
+        rows = [e.row for e in self._running]
+        assert self._logits is not None
+        before = sum(len(r.ids) for r in rows)
+        advance(rows, self._logits, self.tokenizer.eot_id, self.max_len)
+        self.counters["tokens"] += sum(len(r.ids) for r in rows) - before
         self.counters["steps"] += 1
         self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
-        eot = self.tokenizer.eot_id
-        for b, (seq, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
-            try:
-                if token == eot:
-                    seq.finish_reason = "stop"
-                else:
-                    seq.ids.append(token)
-                    self.counters["tokens"] += 1
-                    if seq.logprobs is not None:
-                        k = seq.params.logprobs or 0
-                        decode = self.tokenizer.decode
-                        top = [(decode([i]), v) for i, v in zip(top_i[b][:k], top_v[b][:k], strict=True)]
-                        seq.logprobs.append(TokenLogprob(decode([token]), token, lp[b], top))
-                    if seq.tracker.push(token):
-                        seq.finish_reason = "stop"
-                    elif len(seq.ids) >= seq.params.max_new_tokens or seq.length >= self.max_len:
-                        seq.finish_reason = "length"
-                self._send(seq)
-            except Exception as e:
-                log.exception("request bookkeeping failed")
-                self.counters["failed"] += 1
-                seq.group.job._fail(f"generation failed: {type(e).__name__}: {e}")
-        return chosen
+        for entry in self._running:
+            self._send(entry)
 
-    def _send(self, seq: _Seq) -> None:
-        job, tracker = seq.group.job, seq.tracker
-        if seq.finish_reason is None:
+    def _send(self, entry: _Entry) -> None:
+        job, row = entry.group.job, entry.row
+        if job.cancelled or job.failed:
+            return
+        if row.error is not None:
+            self.counters["failed"] += 1
+            job.fail(f"generation failed: {row.error}")
+            return
+        tracker = row.tracker
+        assert tracker is not None
+        if row.finish_reason is None:
             text = tracker.delta() if job.deltas else ""
             if text:
-                new = seq.logprobs[seq.sent_logprobs :] if seq.logprobs is not None else []
-                seq.sent_logprobs += len(new)
-                job._emit(Delta(seq.index, text, new))
+                new = row.logprobs[entry.sent_logprobs :] if row.logprobs is not None else []
+                entry.sent_logprobs += len(new)
+                job.emit(Delta(row.index, text, new))
             return
         tracker.finish()
         keep = tracker.kept_tokens()
         text = tracker.delta(final=True)
-        new = seq.logprobs[seq.sent_logprobs : keep] if seq.logprobs is not None else []
+        new = row.logprobs[entry.sent_logprobs : keep] if row.logprobs is not None else []
         if (text or new) and job.deltas:
-            job._emit(Delta(seq.index, text, new))
-        logprobs = None if seq.logprobs is None else seq.logprobs[:keep]
-        done = Completion(tracker.text, seq.ids[:keep], seq.finish_reason, logprobs, seq.group.prompt_index)
-        job._emit(Finished(seq.index, done, len(seq.ids)))
+            job.emit(Delta(row.index, text, new))
+        job.emit(Finished(row.index, row.completion(), len(row.ids)))
         self.counters["completed"] += 1
 
-    def _compact(self, per_row: Tensor | None) -> Tensor | None:
-        """Retire finished / cancelled rows; survivors move down so active rows fill slots [0, B).
-        Returns `per_row` (indexed by old slot) reordered to the new rows."""
-        rows = self._rows
-        keep = [s for s in rows if not s.gone]
-        if len(keep) == len(rows):
-            return per_row
-        m = len(keep)
-        old_slot = {id(s): s.slot for s in keep}
-        holes = [s.slot for s in rows[:m] if s.gone]
-        movers = [s for s in rows[m:] if not s.gone]
-        for hole, seq in zip(holes, movers, strict=True):
-            n = seq.length
-            self.k[:, hole, :, :n] = self.k[:, seq.slot, :, :n]
-            self.v[:, hole, :, :n] = self.v[:, seq.slot, :, :n]
-            seq.slot = hole
-        keep.sort(key=lambda s: s.slot)
-        self._rows = keep
-        if per_row is None or not keep:
-            return None
-        index = torch.tensor([old_slot[id(s)] for s in keep], device=per_row.device)
-        return per_row.index_select(0, index)
+    def _retire(self) -> None:
+        """Drop finished and cancelled rows (their blocks go back to the pool) and their logits."""
+        keep = [i for i, e in enumerate(self._running) if not e.gone]
+        if len(keep) == len(self._running):
+            return
+        cancelled = {id(e.group.job): e.group.job for e in self._running if e.group.job.cancelled and not e.row.done}
+        self.counters["cancelled"] += len(cancelled)
+        for i, entry in enumerate(self._running):
+            if i not in keep and entry.row.seq is not None:
+                self.core.free(entry.row.seq)
+                entry.row.seq = None
+        self._running = [self._running[i] for i in keep]
+        if self._logits is not None:
+            self._logits = self._logits[torch.tensor(keep, dtype=torch.long)] if keep else None
 
-    # ---- the batched decode step -------------------------------------------------------------
-    def _decode(self, tokens: Tensor) -> Tensor:
-        """Feed each active row its token at the row's own position; next-token logits (B, V) float32.
+    def _make_room(self) -> None:
+        """Every running row needs room for its next token: preempt the most recently admitted rows
+        until the pool has it."""
+        pool, bs = self.pool, self.pool.block_size
 
-        Same maths as `GPT.forward` with a cache, with per-row positions and masks.
-        """
-        model, rows = self.model, self._rows
-        t, config = model.transformer, model.config
-        B, C, nh = len(rows), config.n_embd, config.n_head
-        hs = C // nh
-        device = self.k.device
-        pos = torch.tensor([s.length for s in rows], device=device)  # (B,) where each new token goes
-        fused = getattr(model, "cpu_decode_step", None)  # gptlab's CPU kernels: the step in C
-        if fused is not None and fused.accepts(B, self.k, split=True):
-            logits = fused(tokens, pos, pos, self.k, self.v, None)
-            for seq in rows:
-                seq.length += 1
-            return logits
-        end = int(pos.max()) + 1
-        x = t.wte(tokens.view(B, 1).to(device)) + t.wpe(pos.view(B, 1))  # (B, 1, C)
-        s = torch.arange(end, device=device)
-        dense = (s[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, end): each row its own length
-        local = dense & ((pos[:, None] - s[None, :]) < config.local_window)[:, None, None, :]
-        batch = torch.arange(B, device=device)
-        for layer, block in enumerate(t.h):
-            attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
-            q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
-            self.k[layer][batch, :, pos] = to_cache(k.reshape(B, nh, hs), self.k)
-            self.v[layer][batch, :, pos] = to_cache(v.reshape(B, nh, hs), self.v)
-            keys, values = self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]  # (B, nh, end, hs)
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=local if attn.local else dense)
-            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
-            x = x + block.mlp(block.ln_2(x))
-        for seq in rows:
-            seq.length += 1
-        return model.logits(t.ln_f(x))[:, -1].float()
+        def needs(entry: _Entry) -> int:
+            seq = entry.row.seq
+            if seq.length % bs == 0:
+                return 1
+            return int(pool.refs[seq.blocks[seq.length // bs]] > 1)  # a shared block is copied first
+
+        while sum(needs(e) for e in self._running) > pool.available and len(self._running) > 1:
+            entry = self._running.pop()
+            pool.preempt(entry.row.seq)
+            entry.row.seq = None
+            with self._cond:
+                self._resume.appendleft(entry)
+
+    # ---- the batched decoding step -----------------------------------------------------------
+    def _decode(self) -> Tensor:
+        """Feed each running row its sampled token; next-token logits (B, V) float32."""
+        return self.core.forward([e.row.seq for e in self._running])

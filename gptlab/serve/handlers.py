@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from gptlab.sampling import SamplingParams
+from gptlab.infer.sampling import SamplingParams
 from gptlab.serve import chat as chat_template
 from gptlab.serve.engine import Engine
 from gptlab.serve.jobs import Delta, EngineError, Finished, Job, PromptLogprobs, QueueFull

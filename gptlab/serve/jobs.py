@@ -1,8 +1,8 @@
 """What a request sees of the engine: a `Job` and the events the engine sends it.
 
-The engine thread never touches asyncio objects directly: `Job._emit` queues an event in the
-engine's outbox, and the engine hands each step's events to the request's event loop in one
-`call_soon_threadsafe` (see `Engine._flush`).
+The engine thread never touches asyncio objects directly: `Job.emit` posts an event to the engine
+(`Engine.post`), and the engine hands each step's events to the request's event loop in one
+`call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gptlab.generate import Completion, TokenLogprob
+from gptlab.infer.rows import Completion, TokenLogprob
 
 if TYPE_CHECKING:
     from gptlab.serve.engine import Engine
@@ -57,7 +57,7 @@ class EngineError(Exception):
 
 class Job:
     """A submitted request: prompts x n completions. Created and read on the asyncio side; the engine
-    thread only calls `_emit`, whose events reach the request's event loop once per engine step.
+    thread only calls `emit` and `fail`, whose events reach the request's event loop once per engine step.
     `deltas=False` (a non-streaming request): no Delta events, only the finished completions."""
 
     def __init__(
@@ -73,7 +73,7 @@ class Job:
         """Stop generating (client gone): the engine frees the job's slots before its next step."""
         if not self.finished and not self.cancelled:
             self.cancelled = True
-            self.engine._wake()
+            self.engine.wake()
 
     async def events(self) -> AsyncIterator[Delta | Finished | PromptLogprobs]:
         """Events until every choice has finished; raises EngineError if the engine failed the job."""
@@ -88,13 +88,13 @@ class Job:
             yield event
         self.finished = True
 
-    def _emit(self, event: object) -> None:
-        self.engine._outbox.append((self, event))
+    def emit(self, event: object) -> None:
+        self.engine.post(self, event)
 
-    def _fail(self, message: str) -> None:
+    def fail(self, message: str) -> None:
         if not self.failed:
             self.failed = True
-            self._emit(Failed(message))
+            self.emit(Failed(message))
 
 
 def deliver(items: list[tuple[Job, object]]) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 
-from gptlab.sampling import MAX_LOGPROBS
+from gptlab.infer.sampling import MAX_LOGPROBS
 
 Float = Annotated[float, Strict()]  # ints are accepted, strings are not
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -81,7 +81,7 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, Any] | None = None
     top_k: StrictInt | None = Field(None, ge=0)
     min_p: Float | None = Field(None, ge=0, le=1)
-    repetition_penalty: Float | None = Field(None, gt=0)
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=100)
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

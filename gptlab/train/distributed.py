@@ -99,7 +99,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every Transformer block in the backward pass.
 
     Each block's `forward` is replaced on the instance, so parameter names (and checkpoints) are
-    unchanged. Only training passes recompute; generation with a KV cache runs the plain forward.
+    unchanged. Only passes with gradients recompute; inference runs the plain forward.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -107,10 +107,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         plain = block.forward
 
         @functools.wraps(plain)
-        def forward(x, cache=None, mask=None, _plain=plain):
-            if cache is None and torch.is_grad_enabled():
-                return checkpoint(_plain, x, None, mask, use_reentrant=False)
-            return _plain(x, cache, mask)
+        def forward(x, _plain=plain):
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, x, use_reentrant=False)
+            return _plain(x)
 
         block.forward = forward
 

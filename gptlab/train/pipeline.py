@@ -240,7 +240,7 @@ def load_train_config_from(cfg: TrainConfig, overrides: dict[str, Any] | list[st
 def print_sample(run_dir: Path, max_new_tokens: int = 120, prompt: str = "def ") -> str:
     """Sample a continuation of `prompt` from the run's newest checkpoint and print it."""
     from gptlab.checkpoint import load_model, load_tokenizer
-    from gptlab.generate import generate
+    from gptlab.infer.generate import generate
 
     model = load_model(run_dir)
     tokenizer = load_tokenizer(run_dir)

@@ -190,65 +190,64 @@ static inline void axpy_half(float a, const uint16_t *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * _cvtsh_ss(x[i]);
 }
 
-/* Attention of row b, head h: writes the row's new key and value into its cache slot, then attends to
- * the slots [lo, slot] that `valid` (or, without it, nothing) leaves in; a row always sees its own.
- * kc, vc: this row and head's (max_len, hs) keys and values, float32 or (half) float16. */
-static void attend(const float *qkv, int64_t C, int64_t hs, int64_t b, int64_t h, void *kc, void *vc, int half,
-                   int64_t slot, int64_t lo, const uint8_t *valid, float *scores, float *out) {
+/* Attention of row b, head h over the paged cache: writes the row's new key and value at position
+ * `pos` (block table[pos / bs], offset pos % bs), then attends to positions [lo, pos].
+ * kc, vc: this layer's (num_blocks, n_head, bs, hs) keys and values, float32 or (half) float16. */
+static void attend(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b, int64_t h, char *kc, char *vc,
+                   int half, const int64_t *table, int64_t bs, int64_t pos, int64_t lo, float *scores, float *out) {
     const float *q = qkv + b * 3 * C + h * hs;
-    const float *kf = kc, *vf = vc;
-    const uint16_t *kh = kc, *vh = vc;
-    store_kv(half ? (void *)(kh + slot * hs) : (void *)(kf + slot * hs), q + C, hs, half);
-    store_kv(half ? (void *)(vh + slot * hs) : (void *)(vf + slot * hs), q + 2 * C, hs, half);
+    const int64_t elem = half ? 2 : 4, stride = nh * bs * hs * elem; /* bytes from one block to the next */
+#define AT(base, s) ((base) + table[(s) / bs] * stride + (h * bs + (s) % bs) * hs * elem)
+    store_kv(AT(kc, pos), q + C, hs, half);
+    store_kv(AT(vc, pos), q + 2 * C, hs, half);
     float scale = 1.0f / sqrtf((float)hs), mx = -INFINITY;
-    for (int64_t s = lo; s <= slot; s++) {
-        if (valid && !valid[s] && s != slot) {
-            scores[s - lo] = -INFINITY;
-            continue;
-        }
-        scores[s - lo] = (half ? dot_half(q, kh + s * hs, hs) : dot(q, kf + s * hs, hs)) * scale;
-        mx = scores[s - lo] > mx ? scores[s - lo] : mx;
+    for (int64_t s = lo; s <= pos; s++) {
+        const char *k = AT(kc, s);
+        float v = (half ? dot_half(q, (const uint16_t *)k, hs) : dot(q, (const float *)k, hs)) * scale;
+        scores[s - lo] = v;
+        mx = v > mx ? v : mx;
     }
-    int64_t n = slot + 1 - lo, i = 0;
+    int64_t n = pos + 1 - lo, i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(scores + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), _mm256_set1_ps(mx))));
     for (; i < n; i++) scores[i] = expf(scores[i] - mx);
-    if (valid) /* exp8 clamps: a masked (-inf) score comes out ~1e-38, not 0 */
-        for (int64_t s = lo; s < slot; s++)
-            if (!valid[s]) scores[s - lo] = 0.0f;
     __m256 sum8 = _mm256_setzero_ps();
     for (i = 0; i + 8 <= n; i += 8) sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(scores + i));
     float sum = hsum(sum8);
     for (; i < n; i++) sum += scores[i];
     float *o = out + b * C + h * hs;
     memset(o, 0, hs * sizeof(float));
-    for (int64_t s = lo; s <= slot; s++) {
-        if (scores[s - lo] == 0.0f) continue;
+    for (int64_t s = lo; s <= pos; s++) {
+        const char *v = AT(vc, s);
         if (half)
-            axpy_half(scores[s - lo] / sum, vh + s * hs, o, hs);
+            axpy_half(scores[s - lo] / sum, (const uint16_t *)v, o, hs);
         else
-            axpy(scores[s - lo] / sum, vf + s * hs, o, hs);
+            axpy(scores[s - lo] / sum, (const float *)v, o, hs);
     }
+#undef AT
 }
 
-/* Row m: token idx[m] at position pos[m], its key and value written to cache slot slots[m] of cache
- * row row0 + m, attending to its slots up to and including it (masked by valid (cache_rows, max_len)
- * when not NULL). Caches (n_layer, cache_rows, n_head, max_len, hs), float32 or (kv_half) float16.
- * logits: (M, vocab).
- * Returns 0, or 1 (a token id out of range), 2 (a position beyond the context), 3 (a slot beyond the
- * cache), 4 (out of memory); nothing is written then. */
-int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos,
-                   const int64_t *slots, void *kcache, void *vcache, int64_t cache_rows, int64_t row0,
-                   int64_t max_len, int kv_half, const uint8_t *valid, float *logits, int threads) {
+/* Row m: token idx[m] at position pos[m]; its key and value go to the paged cache through its block
+ * table tables[m] (max_blocks entries), and it attends to its positions up to and including pos[m]
+ * (the last `window` of them in banded layers). Caches (n_layer, num_blocks, n_head, block_size, hs),
+ * float32 or (kv_half) float16. logits: (M, vocab).
+ * Returns 0, or 1 (a token id out of range), 2 (a position beyond the context), 3 (a block beyond the
+ * pool or the block table), 4 (out of memory); nothing is written then. */
+int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos, const int64_t *tables,
+                   int64_t max_blocks, void *kcache, void *vcache, int64_t num_blocks, int64_t block_size,
+                   int kv_half, float *logits, int threads) {
     const int64_t C = md->n_embd, nh = md->n_head, hs = C / nh, F = md->d_ff;
+    if (block_size < 1) return 3;
     for (int64_t m = 0; m < M; m++) {
         if (idx[m] < 0 || idx[m] >= md->vocab) return 1;
         if (pos[m] < 0 || pos[m] >= md->n_ctx) return 2;
-        if (slots[m] < 0 || slots[m] >= max_len || row0 < 0 || row0 + m >= cache_rows) return 3;
+        if (pos[m] / block_size >= max_blocks) return 3;
+        for (int64_t j = 0; j <= pos[m] / block_size; j++)
+            if (tables[m * max_blocks + j] < 0 || tables[m * max_blocks + j] >= num_blocks) return 3;
     }
     if (threads < 1) threads = 1;
-    int64_t wide = F > 3 * C ? F : 3 * C;
-    float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * max_len));
+    int64_t wide = F > 3 * C ? F : 3 * C, span = md->n_ctx;
+    float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * span));
     int16_t *xq = malloc(sizeof(int16_t) * M * (F > C ? F : C));
     float *xp = malloc(sizeof(float) * ((M + 8) * (F > C ? F : C) + 16)); /* see gl_linear_bf16 */
     int64_t products = 4 * md->n_layer + 1; /* each with its own counters */
@@ -264,6 +263,7 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     float *h = x + M * C, *big = h + M * C, *att = big + M * wide, *xs = att + M * C, *scores = xs + M;
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < C; c++) x[m * C + c] = md->wte[idx[m] * C + c] + md->wpe[pos[m] * C + c];
+    const int64_t layer_bytes = num_blocks * nh * block_size * hs * (kv_half ? 2 : 4);
 
 #pragma omp parallel num_threads(threads)
     {
@@ -275,11 +275,10 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
             linear_all(&bl->qkv, h, xq, xs, xp, M, big, tid, nt, 0, ctr + (4 * l) * threads);
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < M * nh; bh++) {
-                int64_t b = bh / nh, hd = bh % nh, slot = slots[b];
-                int64_t lo = bl->local && slot + 1 > md->window ? slot + 1 - md->window : 0;
-                int64_t off = ((l * cache_rows + row0 + b) * nh + hd) * max_len * hs * (kv_half ? 2 : 4);
-                attend(big, C, hs, b, hd, (char *)kcache + off, (char *)vcache + off, kv_half, slot, lo,
-                       valid ? valid + (row0 + b) * max_len : NULL, scores + tid * max_len, att);
+                int64_t b = bh / nh, hd = bh % nh, p = pos[b];
+                int64_t lo = bl->local && p + 1 > md->window ? p + 1 - md->window : 0;
+                attend(big, C, nh, hs, b, hd, (char *)kcache + l * layer_bytes, (char *)vcache + l * layer_bytes,
+                       kv_half, tables + b * max_blocks, block_size, p, lo, scores + tid * span, att);
             }
             linear_all(&bl->proj, att, xq, xs, xp, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);
 #pragma omp single

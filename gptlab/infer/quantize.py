@@ -1,7 +1,7 @@
 """Fast CPU linear layers for inference, applied from outside the model.
 
 `use_cpu_kernels` (what `gptlab generate` and `gptlab serve` use on CPU where gptlab's C kernels build,
-see `gptlab.cpu_kernels`) stores each weight once as float32, bfloat16 or int8 (`KernelLinear`): up to
+see `gptlab.infer.cpu.kernels`) stores each weight once as float32, bfloat16 or int8 (`KernelLinear`): up to
 16 activation rows (decoding) run on kernels that stream each weight row once; more rows (prefill)
 run torch's GEMM on the dequantised weight. The classes below are the fallbacks built from torch's
 own kernels, for machines where the C kernels do not build, and the int8 modes for `quantize_int8`.
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab import cpu_kernels
+from gptlab.infer.cpu import kernels as cpu_kernels
 from gptlab.model import GPT
 
 MODES = ("dynamic", "weight")
@@ -159,7 +159,7 @@ class PackedLinear(nn.Module):
 
 
 class KernelLinear(nn.Module):
-    """A drop-in `nn.Linear` replacement for CPU inference on `gptlab.cpu_kernels`' few-row kernels.
+    """A drop-in `nn.Linear` replacement for CPU inference on `gptlab.infer.cpu.kernels`' few-row kernels.
 
     The weight is stored (N, K) as float32, bfloat16 or int8 with a float32 scale per output row.
     float32 / bfloat16: up to `cpu_kernels.MAX_ROWS` rows (decoding, short prompts) go through the
@@ -319,5 +319,4 @@ def use_cpu_kernels(model: GPT, storage: str) -> GPT:
     views = iter(cpu_kernels.huge_page_views(like))
     _swap_linears(model, lambda w, b: KernelLinear(w, b, storage, out=next(views)), head=True)
     model.quantized = f"{storage}-kernels"
-    model.cpu_decode_step = cpu_kernels.DecodeStep(model)  # a whole decoding step in one C call
     return model.eval()

@@ -10,40 +10,34 @@ of them (HF's `early_stopping=False` heuristic).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from gptlab.model import GPT
-from gptlab.sampling import SamplingParams, process_logits
-
-if TYPE_CHECKING:
-    from gptlab.generate import Completion, TextTokenizer
+from gptlab.infer.engine import InferenceEngine
+from gptlab.infer.rows import Completion, TextTokenizer
+from gptlab.infer.sampling import SamplingParams, process_logits
 
 _NEG = -1.0e9  # HF's score for impossible beams
 
 
 def beam_search(
-    model: GPT,
+    engine: InferenceEngine,
     prompts: list[list[int]],
     params: SamplingParams,
     eos_id: int | None,
     tokenizer: TextTokenizer | None,
-    *,
-    compile: bool = False,
 ) -> list[Completion]:
-    """The `params.n` best beams of each prompt, best first."""
-    from gptlab.decoder import Decoder
-    from gptlab.generate import Completion
-
+    """The `params.n` best beams of each prompt, best first. Beams are sequences of `engine`'s pool:
+    a beam that continues another forks its blocks (the prompt is computed and stored once)."""
     B, K, max_new = len(prompts), params.num_beams, params.max_new_tokens
     stops = list(params.stop) if tokenizer is not None else []
     if max_new == 0:
         return [Completion("", [], "length", None, i) for i in range(B) for _ in range(params.n)]
-    decoder = Decoder(model, B, max(map(len, prompts)) + max_new, compile=compile)
-    logits = decoder.prefill(prompts)
+    heads = [engine.sequence(p) for p in prompts]
+    logits = engine.forward(heads)
+    beams = [engine.fork(heads[b]) for b in range(B) for _ in range(K)]
+    for seq in heads:
+        engine.free(seq)
     expand = torch.arange(B).repeat_interleave(K)
-    decoder.reorder(expand)
     logits = logits.index_select(0, expand.to(logits.device))
 
     running_scores = torch.full((B, K), _NEG)
@@ -91,9 +85,16 @@ def beam_search(
         running = next_running
         if not any(improvable) or step + 1 == max_new:
             break
-        decoder.reorder(torch.tensor(source))
-        tokens = torch.tensor([ids[-1] for beams in running for ids in beams])
-        logits = decoder.step(tokens)
+        tokens = [ids[-1] for group in running for ids in group]
+        forked = [engine.fork(beams[i]) for i in source]
+        for seq, token in zip(forked, tokens, strict=True):
+            seq.tokens.append(token)
+        for seq in beams:
+            engine.free(seq)
+        beams = forked
+        logits = engine.forward(beams)
+    for seq in beams:
+        engine.free(seq)
     return [_beam_completion(b, finished[b][j], eos_id, tokenizer) for b in range(B) for j in range(params.n)]
 
 
@@ -122,8 +123,6 @@ def _beam_completion(
     eos_id: int | None,
     tokenizer: TextTokenizer | None,
 ) -> Completion:
-    from gptlab.generate import Completion
-
     _, ids, text, reason = hyp
     if ids and ids[-1] == eos_id:
         ids = ids[:-1]

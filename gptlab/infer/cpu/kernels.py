@@ -28,13 +28,14 @@ import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
 SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_ROWS = 64
 """Most activation rows per call. Measured on AVX2 (Zen 3, 2 cores, GPT-2 124M's shapes), against
 torch's GEMM: the float32 kernel is 2.4x ahead at 1 row, 1.4x at 32 and ties at 64 (35-39 GMAC/s);
@@ -146,7 +147,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gl_read_sum.restype = ctypes.c_double
     lib.gl_read_sum.argtypes = [p, i64, ctypes.c_int]
     i32 = ctypes.c_int
-    lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, p, p, i64, i64, i64, i32, p, p, i32]
+    lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, i64, p, p, i64, i64, i32, p, i32]
     return lib
 
 
@@ -165,7 +166,7 @@ def read_sum(x: Tensor) -> float:
     """The sum of a contiguous float32 CPU tensor, read by as many threads as torch uses: a plain
     streaming read, to time this machine's read bandwidth (`benchmarks/decode.py`)."""
     if _library() is None:
-        raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
+        raise RuntimeError("CPU kernels are unavailable; check gptlab.infer.cpu.kernels.available() first")
     if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
         raise ValueError("read_sum takes a contiguous float32 CPU tensor")
     return _library().gl_read_sum(x.data_ptr(), x.numel(), torch.get_num_threads())
@@ -184,7 +185,7 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor 
     scale). Contiguous CPU tensors only; call `available()` first.
     """
     if _library() is None:
-        raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
+        raise RuntimeError("CPU kernels are unavailable; check gptlab.infer.cpu.kernels.available() first")
     check(weight, scale, bias)
     if x.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match a weight of shape {tuple(weight.shape)}")
@@ -308,7 +309,7 @@ class _Model(ctypes.Structure):
 _STEP_ERRORS = {
     1: "a token id is out of range for the vocabulary",
     2: "a position is beyond the model's context",
-    3: "a cache slot is beyond the KV cache",
+    3: "a block table entry is beyond the KV pool, or a position beyond the block table",
     4: "out of memory for the step's activations",
 }
 
@@ -331,8 +332,8 @@ class DecodeStep:
     """One decoding step of a model whose linear layers are kernel layers (`quantize.KernelLinear`),
     run as one C call (`csrc/decode.c`): embeddings, every block and the output projection for up to
     `max_rows` rows, float32 activations, a float32 or float16 KV cache (`cache_dtype` is the one to
-    allocate). `gptlab.quantize.use_cpu_kernels` attaches one to the model; `Decoder.step` and the
-    server's batched step call it.
+    allocate). `gptlab.infer.engine.InferenceEngine` builds one for a model prepared with
+    `gptlab.infer.quantize.use_cpu_kernels` and decodes on it wherever it `runs` the batch.
 
     It points at the model's tensors as they are when it is built (and keeps them alive): a model
     whose weights change afterwards must be prepared afresh.
@@ -340,7 +341,7 @@ class DecodeStep:
 
     def __init__(self, model: torch.nn.Module) -> None:
         if _library() is None:
-            raise RuntimeError("CPU kernels are unavailable; check gptlab.cpu_kernels.available() first")
+            raise RuntimeError("CPU kernels are unavailable; check gptlab.infer.cpu.kernels.available() first")
         config, t = model.config, model.transformer
         self.config = config
         self._keep: list[Tensor] = []
@@ -386,57 +387,43 @@ class DecodeStep:
         kind = list(KINDS).index(weight.dtype)
         return _Lin(weight.data_ptr(), _ptr(scale), _ptr(bias), weight.shape[0], weight.shape[1], kind)
 
-    def runs(self, rows: int, split: bool = False) -> bool:
-        """Whether this step should run `rows` rows (else use the torch path): in one call, or with
-        split=True in consecutive calls of up to `max_rows` rows where those still beat torch's GEMMs
+    def runs(self, rows: int) -> bool:
+        """Whether this step should decode `rows` rows (else the engine uses the torch reference): in one
+        call, or in consecutive calls of up to `max_rows` rows where those still beat torch's GEMMs
         (float weights; not int8, whose bigger batches run on fbgemm's int8 GEMM)."""
-        return 0 < rows <= (rows if split and self._splits else self.max_rows)
+        return 0 < rows <= (rows if self._splits else self.max_rows)
 
-    def accepts(self, rows: int, k_cache: Tensor, split: bool = False) -> bool:
-        """`runs(rows, split)` on this cache (float32 or float16, on the CPU)."""
-        return self.runs(rows, split) and k_cache.dtype in CACHE_DTYPES and k_cache.device.type == "cpu"
-
-    def cache_dtype_for(self, rows: int, split: bool = False) -> torch.dtype:
-        """The KV cache to allocate for `rows` rows: `cache_dtype` where this step runs them, else
-        float32 (the torch path would convert a float16 cache at every layer)."""
-        return self.cache_dtype if self.runs(rows, split) else torch.float32
-
-    def __call__(
-        self, idx: Tensor, positions: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor | None
-    ) -> Tensor:
-        """Logits (M, vocab) float32 of M rows: row m feeds token idx[m] at position positions[m], writes
-        its key and value to slot slots[m] of cache row m and attends to that row's slots <= slots[m]
-        (where `valid` (cache rows, cache length), if given, is True, and always its own). More than
-        `max_rows` rows run as consecutive calls (rows are independent)."""
-        idx, positions, slots = _int64_rows(idx), _int64_rows(positions), _int64_rows(slots)
+    def decode(self, pool: Any, tokens: Tensor, positions: Tensor, tables: Tensor) -> Tensor:
+        """Logits (M, vocab) float32 of M rows: row m feeds token tokens[m] at position positions[m],
+        writes its key and value into `pool` (a `gptlab.infer.cache.KVPool`) through its block table
+        tables[m] and attends to its positions <= positions[m]. More than `max_rows` rows run as
+        consecutive calls (rows are independent)."""
+        idx, positions, tables = _int64_rows(tokens), _int64_rows(positions), _int64_rows(tables)
         M = idx.numel()
-        if positions.numel() != M or slots.numel() != M:
+        if positions.numel() != M or tables.dim() != 2 or tables.shape[0] != M:
             raise ValueError(
-                f"got {M} tokens, {positions.numel()} positions and {slots.numel()} slots; need one each per row"
+                f"got {M} tokens, {positions.numel()} positions and block tables of shape {tuple(tables.shape)}; "
+                "need one token, position and table row per row"
             )
-        c, shape = self.config, tuple(k_cache.shape)
+        c, k_cache, v_cache = self.config, pool.k, pool.v
+        shape = tuple(k_cache.shape)
         ok = len(shape) == 5 and (shape[0], shape[2], shape[4]) == (c.n_layer, c.n_head, c.head_size)
         if not (ok and tuple(v_cache.shape) == shape and k_cache.is_contiguous() and v_cache.is_contiguous()):
             raise ValueError(
-                f"the KV cache must be two contiguous tensors of one shape (n_layer={c.n_layer}, rows, "
-                f"n_head={c.n_head}, length, head_size={c.head_size}); got {shape} and {tuple(v_cache.shape)}"
+                f"the KV pool must be two contiguous tensors of one shape (n_layer={c.n_layer}, blocks, "
+                f"n_head={c.n_head}, block_size, head_size={c.head_size}); got {shape} and {tuple(v_cache.shape)}"
             )
-        if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype:
-            raise ValueError(f"the KV cache must be float32 or float16, keys and values alike; got {k_cache.dtype}")
-        L = shape[3]
-        if valid is not None:
-            valid = valid.contiguous()
-            if valid.dtype != torch.bool or valid.shape != (k_cache.shape[1], L):
-                raise ValueError(f"valid must be a bool tensor of shape {(k_cache.shape[1], L)}")
+        if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype or k_cache.device.type != "cpu":
+            raise ValueError(f"the KV pool must be float32 or float16 on the CPU; got {k_cache.dtype}")
         logits = torch.empty(M, c.vocab_size)
+        width = tables.shape[1]
         # Row r0's pointers by address arithmetic: slicing tensors costs microseconds a call.
-        i, p, s, out = idx.data_ptr(), positions.data_ptr(), slots.data_ptr(), logits.data_ptr()
+        i, p, t, out = idx.data_ptr(), positions.data_ptr(), tables.data_ptr(), logits.data_ptr()
         for r0 in range(0, M, self.max_rows):
             err = self._fn(
-                self._model_ref, min(self.max_rows, M - r0), i + 8 * r0, p + 8 * r0, s + 8 * r0,
-                k_cache.data_ptr(), v_cache.data_ptr(), shape[1], r0, L, k_cache.dtype == torch.float16, _ptr(valid),
-                out + 4 * c.vocab_size * r0,
-                torch.get_num_threads(),
+                self._model_ref, min(self.max_rows, M - r0), i + 8 * r0, p + 8 * r0, t + 8 * width * r0, width,
+                k_cache.data_ptr(), v_cache.data_ptr(), shape[1], shape[3], k_cache.dtype == torch.float16,
+                out + 4 * c.vocab_size * r0, torch.get_num_threads(),
             )  # fmt: skip
             if err:
                 raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")

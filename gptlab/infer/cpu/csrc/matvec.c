@@ -591,4 +591,4 @@ int gl_amx(void) {
 }
 
 /* Lets the loader check the ABI it compiled against. */
-int gl_abi_version(void) { return 5; }
+int gl_abi_version(void) { return 6; }

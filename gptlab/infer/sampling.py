@@ -23,6 +23,10 @@ import torch
 from torch import Tensor
 
 MAX_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy (vLLM's rule): dividing logits by 1e-300 overflows to inf."""
+PENALTY_RANGE = (0.01, 100.0)
+"""Repetition penalties outside this range would scale logits past what float32 softmax handles."""
 
 
 @dataclass
@@ -32,7 +36,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     """Most tokens to generate per completion (the prompt not counted)."""
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (always the most likely token)."""
+    """Softmax temperature; 0 (or anything below 1e-5) means greedy (always the most likely token)."""
     top_k: int = 0
     """Sample only among the k most likely tokens; 0 disables."""
     top_p: float = 1.0
@@ -80,8 +84,9 @@ class SamplingParams:
             raise bad("top_p", "in (0, 1] (1 disables)")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1] (0 disables)")
-        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0 (1 disables)")
+        lo, hi = PENALTY_RANGE
+        if not is_num(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
+            raise bad("repetition_penalty", f"in [{lo}, {hi}] (1 disables)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "in [-2, 2] (OpenAI's range; 0 disables)")
@@ -107,7 +112,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def updated(self, **overrides: object) -> SamplingParams:
         """A validated copy with some fields replaced; unknown names raise ValueError."""
@@ -190,8 +195,8 @@ def _warp(logits: Tensor, rows: list[SamplingParams]) -> Tensor:
     sampled = [not p.greedy for p in rows]
     if not any(sampled):
         return logits
-    if any(p.temperature not in (0, 1) for p in rows):
-        logits = logits / _column([p.temperature if p.temperature > 0 else 1.0 for p in rows], logits)
+    if any(p.temperature != 1 and not p.greedy for p in rows):
+        logits = logits / _column([1.0 if p.greedy else p.temperature for p in rows], logits)
     V = logits.shape[-1]
     ks = [min(p.top_k, V) if (p.top_k and s) else V for p, s in zip(rows, sampled, strict=True)]
     if min(ks) < V:

@@ -1,0 +1,1 @@
+"""CPU backends: gptlab's C decoding kernels (`kernels`, sources in `csrc/`)."""

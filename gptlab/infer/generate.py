@@ -1,0 +1,278 @@
+"""Text generation on the inference engine: sampling and beam search, stop sequences, streaming.
+
+Each call builds an `InferenceEngine` with a KV pool sized for its prompts, prefills every prompt once
+(n samples fork its blocks), then decodes one token per live row per step; `gptlab.infer.rows` chooses
+the tokens. Prompts of any lengths share a batch without padding: each row has its own positions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from gptlab.infer.cache import BLOCK_SIZE
+from gptlab.infer.engine import InferenceEngine
+from gptlab.infer.rows import Completion, Row, TextTokenizer, TokenLogprob, advance, make_rows, start
+from gptlab.infer.sampling import SamplingParams
+from gptlab.model import GPT
+
+__all__ = ["Completion", "SamplingParams", "TokenLogprob", "generate", "generate_ids", "stream"]
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+def fit_prompts(prompts: list[list[int]], n_ctx: int, max_new_tokens: int, truncate: bool = True) -> list[list[int]]:
+    """Left-truncate prompts so prompt + max_new_tokens fits the context (with a warning), or raise."""
+    if max_new_tokens >= n_ctx:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {n_ctx} tokens; "
+            f"use at most {n_ctx - 1}"
+        )
+    room = n_ctx - max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        if len(p) > room:
+            msg = (
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} only {room} fit the "
+                f"context of {n_ctx}"
+            )
+            if not truncate:
+                raise ValueError(msg + "; shorten it, lower max_new_tokens, or allow truncation")
+            warnings.warn(msg + f": keeping its last {room} tokens", stacklevel=3)
+            p = p[-room:]
+        out.append(list(p))
+    return out
+
+
+def _encode_prompts(tokenizer: TextTokenizer, prompts: str | Sequence[str]) -> list[list[int]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is a {type(p).__name__}, expected str")
+    return [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    return params.updated(**overrides)
+
+
+def engine_for(
+    model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams, compile: bool = False
+) -> InferenceEngine:
+    """An engine whose KV pool holds exactly what this run can need: every prompt once, and every row
+    (sample or beam) its own new tokens plus the blocks that copy-on-write and forking may take."""
+    rows = len(prompts) * max(params.n, params.num_beams)
+    tokens = sum(len(p) + BLOCK_SIZE for p in prompts) + rows * (params.max_new_tokens + 2 * BLOCK_SIZE)
+    return InferenceEngine(model, kv_cache_tokens=tokens, compile=compile)
+
+
+class _EvalMode:
+    """Eval mode for the duration of a run (no dropout), restoring the caller's mode after."""
+
+    def __init__(self, model: GPT) -> None:
+        self.model, self.was_training = model, model.training
+        # Setting the mode walks every module (~1 ms each way for GPT-2): skip it when nothing trains.
+        self.switch = any(m.training for m in model.modules())
+
+    def __enter__(self) -> None:
+        if self.switch:
+            self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.switch:
+            self.model.train(self.was_training)
+
+
+# ---- the sampling loop ---------------------------------------------------------------------------
+def decode_rows(engine: InferenceEngine, rows: list[Row], eos_id: int | None) -> Iterator[None]:
+    """Decode every row until it finishes, yielding after each step (for streaming); rows are updated
+    in place and their blocks go back to the pool as they finish."""
+    n_ctx = engine.model.config.n_ctx
+    live = [r for r in rows if r.params.max_new_tokens > 0]
+    for r in rows:
+        if not r.params.max_new_tokens:
+            r.finish_reason = "length"
+    if not live:
+        return
+    logits = start(engine, live)
+    while True:
+        advance(live, logits, eos_id, n_ctx)
+        yield
+        for r in live:
+            if r.done and r.seq is not None:
+                engine.free(r.seq)
+        live = [r for r in live if not r.done]
+        if not live:
+            return
+        logits = engine.forward([r.seq for r in live])
+
+
+def _run(
+    model: GPT, prompts: list[list[int]], params: SamplingParams, rows: list[Row], eos_id: int | None, compile: bool
+) -> None:
+    engine = engine_for(model, prompts, params, compile)
+    for _ in decode_rows(engine, rows, eos_id):
+        pass
+    _raise_failures(rows)
+
+
+def _raise_failures(rows: list[Row]) -> None:
+    failed = [r for r in rows if r.error is not None]
+    if failed:
+        raise ValueError(f"generation failed for prompt {failed[0].prompt_index}: {failed[0].error}")
+
+
+# ---- public API ----------------------------------------------------------------------------------
+def generate(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    prompts: str | Sequence[str],
+    params: SamplingParams | None = None,
+    *,
+    truncate: bool = True,
+    compile: bool = False,
+    **kwargs: Any,
+) -> list[Completion]:
+    """Complete each prompt `params.n` times; completions ordered by prompt, then sample.
+
+    Keyword arguments override fields of `params` (`generate(m, tok, "Hi", temperature=0)`).
+    Prompts of different lengths share one batch; each row stops on its own.
+    """
+    params = _params(params, kwargs)
+    ids = fit_prompts(_encode_prompts(tokenizer, prompts), model.config.n_ctx, params.max_new_tokens, truncate)
+    with _EvalMode(model):
+        if params.num_beams > 1:
+            from gptlab.infer.beam import beam_search
+
+            if params.logprobs is not None:
+                raise ValueError("logprobs are not available with beam search (num_beams > 1)")
+            return beam_search(engine_for(model, ids, params, compile), ids, params, tokenizer.eot_id, tokenizer)
+        rows = make_rows(ids, params, tokenizer)
+        _run(model, ids, params, rows, tokenizer.eot_id, compile)
+    return [r.completion() for r in rows]
+
+
+def stream(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    prompt: str,
+    params: SamplingParams | None = None,
+    *,
+    truncate: bool = True,
+    compile: bool = False,
+    **kwargs: Any,
+) -> Iterator[str]:
+    """Text deltas of one completion as tokens are generated; never splits a UTF-8 character, and
+    holds back text that might still be the start of a stop sequence."""
+    params = _params(params, kwargs)
+    if not isinstance(prompt, str):
+        raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}")
+    if params.n != 1 or params.num_beams != 1:
+        raise ValueError("stream produces one completion: use n=1 and num_beams=1 (or generate())")
+    ids = fit_prompts(_encode_prompts(tokenizer, prompt), model.config.n_ctx, params.max_new_tokens, truncate)
+    rows = make_rows(ids, params, tokenizer)
+
+    def deltas() -> Iterator[str]:
+        tracker = rows[0].tracker
+        assert tracker is not None
+        with _EvalMode(model):
+            for _ in decode_rows(engine_for(model, ids, params, compile), rows, tokenizer.eot_id):
+                if text := tracker.delta():
+                    yield text
+        _raise_failures(rows)
+        tracker.finish()
+        if text := tracker.delta(final=True):
+            yield text
+
+    return deltas()
+
+
+def generate_ids(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | None = None,
+    eos_id: int | None = None,
+    *,
+    truncate: bool = True,
+    compile: bool = False,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """Token-level generation: new ids per prompt (n per prompt, in order), the eos token excluded.
+
+    Stop strings and logprobs need a tokenizer: use `generate`. An empty prompt needs `eos_id`.
+    """
+    params = _params(params, kwargs)
+    if params.stop:
+        raise ValueError("stop strings need a tokenizer; use generate() or stop on eos_id")
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given: pass a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if not p:
+            if eos_id is None:
+                raise ValueError(f"prompt {i} is empty; pass eos_id to start it from the end-of-text token")
+            p.append(eos_id)
+    prompts = fit_prompts(prompts, model.config.n_ctx, params.max_new_tokens, truncate)
+    with _EvalMode(model):
+        if params.num_beams > 1:
+            from gptlab.infer.beam import beam_search
+
+            engine = engine_for(model, prompts, params, compile)
+            return [c.token_ids for c in beam_search(engine, prompts, params, eos_id, None)]
+        rows = make_rows(prompts, params, None)
+        _run(model, prompts, params, rows, eos_id, compile)
+    return [r.ids for r in rows]
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def run_generate(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    prompt: str | None,
+    params: SamplingParams,
+    *,
+    interactive: bool = False,
+    truncate: bool = True,
+    compile: bool = False,
+    out: Any = None,
+) -> int:
+    """What `gptlab generate` does: stream one completion to `out` (stdout) as tokens arrive, print
+    n completions / beams one after another, and with `interactive` read prompts from stdin."""
+    import sys
+
+    out = out or sys.stdout
+    params.validate()
+
+    def complete(text: str) -> None:
+        if params.n == 1 and params.num_beams == 1:
+            for delta in stream(model, tokenizer, text, params, truncate=truncate, compile=compile):
+                out.write(delta)
+                out.flush()
+            out.write("\n")
+            return
+        for i, c in enumerate(generate(model, tokenizer, text, params, truncate=truncate, compile=compile)):
+            out.write(f"--- completion {i + 1} ({c.finish_reason}) ---\n{c.text}\n")
+        out.flush()
+
+    if prompt is not None:
+        complete(prompt)
+    if not interactive:
+        if prompt is None:
+            raise ValueError("give a PROMPT, or -i for an interactive prompt loop")
+        return 0
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            out.write("\n")
+            return 0
+        if text.strip() in ("exit", "quit"):
+            return 0
+        complete(text)
