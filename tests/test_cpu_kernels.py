@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -167,31 +168,38 @@ def test_build_is_cached_and_atomic(tmp_path):
 
 
 # ---- the whole decoding step in one C call -------------------------------------------------------
+def engines(model, tokens: int = 1024, block_size: int = 4):
+    """An engine on the C step and one on the torch reference, with KV pools of one dtype."""
+    from gptlab.infer.engine import InferenceEngine
+
+    fused = InferenceEngine(model, kv_cache_tokens=tokens, block_size=block_size)
+    plain = InferenceEngine(model, kv_cache_tokens=tokens, block_size=block_size, kernels=False,
+                            kv_dtype=fused.pool.k.dtype)  # fmt: skip
+    return fused, plain
+
+
 def run_both_steps(model, prompts, steps):
     """Decode greedily with the fused C step, and feed the same tokens to the torch step on a second
-    cache; the largest logit and cache differences seen (relative to the largest value)."""
-    from gptlab.decoder import Decoder, decode_step
-
-    fused, plain = Decoder(model, len(prompts), 40), Decoder(model, len(prompts), 40)
-    logits = fused.prefill(prompts)
-    plain.prefill(prompts)
+    pool; the largest logit and cache differences seen (relative to the largest value)."""
+    fused, plain = engines(model)
+    assert fused.fast is not None and plain.fast is None
+    a, b = [fused.sequence(p) for p in prompts], [plain.sequence(p) for p in prompts]
+    logits = fused.forward(a)
+    plain.forward(b)
     worst = 0.0
-    with torch.inference_mode():
-        for _ in range(steps):
-            ids = logits.argmax(-1)
-            logits = fused.step(ids)
-            c = plain.cache
-            valid = c.valid if plain.padded else None
-            want = decode_step(model, ids.view(-1, 1), plain.positions, c.length, c.k, c.v, valid).float()
-            c.length += 1
-            plain.positions += 1
-            worst = max(worst, (logits - want).abs().max().item() / want.abs().max().item())
-    assert fused.cache.k.dtype == plain.cache.k.dtype
+    for _ in range(steps):
+        for s, t, token in zip(a, b, logits.argmax(-1).tolist(), strict=True):
+            s.tokens.append(token)
+            t.tokens.append(token)
+        logits = fused.forward(a)
+        want = plain.forward(b)
+        worst = max(worst, (logits - want).abs().max().item() / want.abs().max().item())
+    assert [s.blocks for s in a] == [t.blocks for t in b]
     kv = max(
-        ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-        for a, b in ((fused.cache.k, plain.cache.k), (fused.cache.v, plain.cache.v))
+        ((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
+        for x, y in ((fused.pool.k, plain.pool.k), (fused.pool.v, plain.pool.v))
     )  # relative to the largest value
-    return worst, kv
+    return worst, kv, fused
 
 
 @needs_kernels
@@ -202,16 +210,27 @@ def test_fused_step_equals_the_torch_step(pattern, storage):
     if storage == "bfloat16":
         model = model.to(torch.bfloat16)
     prepare_model(model, quantize="int8" if storage == "int8" else None)
-    step = model.cpu_decode_step
-    calls, fn = [], step._fn
-    step._fn = lambda *args: calls.append(1) or fn(*args)
-    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]][: step.max_rows] + [[9, 10, 11]] * (step.max_rows > 2)
-    assert step.accepts(len(prompts), torch.zeros(1))
+    calls, fn = [], cpu_kernels._library().gl_decode_step
     for layer in model.modules():  # the torch step on the same kernels (int8: not fbgemm from 3 rows on)
         if isinstance(layer, KernelLinear):
             layer.kernel_rows = cpu_kernels.MAX_ROWS
-    worst, kv = run_both_steps(model, prompts, steps=12)  # past the window: the band slides
-    assert len(calls) == 12  # every step ran in C
+    max_rows = engines(model)[0].fast.max_rows
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]][:max_rows] + [[9, 10, 11]] * (max_rows > 2)
+    import gptlab.infer.cpu.kernels as K
+
+    original = K.DecodeStep.decode
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    K.DecodeStep.decode = counted
+    try:
+        worst, kv, engine = run_both_steps(model, prompts, steps=12)  # past the window: the band slides
+    finally:
+        K.DecodeStep.decode = original
+    assert fn is not None and len(calls) == 12  # every step ran in C
+    step = engine.fast
     # the same kernels; int8 rounds activations to 13 bits, bfloat16 to bfloat16, where a last-bit
     # layer-norm difference can move one step (~1e-4 relative)
     assert worst < (1e-5 if storage == "float32" else 1e-3)
@@ -226,12 +245,18 @@ def test_fused_step_equals_the_torch_step(pattern, storage):
 def test_fused_step_takes_a_wide_batch_in_one_call():
     model = peaked_model(attn_pattern="alternating", local_window=3, n_layer=2)
     prepare_model(model)
-    step = model.cpu_decode_step
-    calls, fn = [], step._fn
-    step._fn = lambda *args: calls.append(args[1]) or fn(*args)
-    prompts = [[1 + i % 7] * (1 + i % 5) for i in range(41)]  # 41 rows, padded to 5 tokens
-    worst, kv = run_both_steps(model, prompts, steps=5)
-    assert calls == [41] * 5 and worst < 1e-5 and kv < 1e-5
+    import gptlab.infer.cpu.kernels as K
+
+    calls, original = [], K.DecodeStep.decode
+    K.DecodeStep.decode = lambda self, pool, tokens, *rest: calls.append(len(tokens)) or original(
+        self, pool, tokens, *rest
+    )
+    try:
+        prompts = [[1 + i % 7] * (1 + i % 5) for i in range(41)]  # 41 rows of 1-5 tokens
+        worst, kv, _ = run_both_steps(model, prompts, steps=5)
+    finally:
+        K.DecodeStep.decode = original
+    assert calls[-5:] == [41] * 5 and worst < 1e-5 and kv < 1e-5
 
 
 @needs_kernels
@@ -240,8 +265,6 @@ def test_fused_step_logits_bitwise_equal_for_any_thread_count(dtype):
     # Threads claim chunks of weight rows dynamically, and the chunk edges move with the thread count;
     # every output must still be computed alike, GELU included (an MLP width of 100 leaves tails of
     # its 8-wide vector code at different places for 1, 2 and 3 threads).
-    from gptlab.decoder import Decoder
-
     model = peaked_model(n_embd=40, n_head=4, n_inner=100, vocab_size=301)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
@@ -251,9 +274,15 @@ def test_fused_step_logits_bitwise_equal_for_any_thread_count(dtype):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            decoder = Decoder(model, 3, 12)
-            decoder.prefill([[1, 2, 3], [4], [5, 6]])
-            results.append(torch.cat([decoder.step(torch.tensor([7, 8, 9])) for _ in range(3)]))
+            engine, _ = engines(model)
+            seqs = [engine.sequence(p) for p in ([1, 2, 3], [4, 9], [5, 6])]
+            engine.forward(seqs)
+            steps = []
+            for _ in range(3):
+                for seq, token in zip(seqs, (7, 8, 9), strict=True):
+                    seq.tokens.append(token)
+                steps.append(engine.forward(seqs))
+            results.append(torch.cat(steps))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results[1:])
@@ -275,57 +304,54 @@ def test_fused_step_same_result_for_any_thread_count():
 
 @needs_kernels
 def test_fused_step_rejects_bad_input():
-    from gptlab.decoder import Decoder
-
     model = prepare_model(peaked_model())
-    decoder = Decoder(model, 1, 8)
-    decoder.prefill([[1, 2]])
+    engine, _ = engines(model, tokens=16, block_size=4)
+    pool, step = engine.pool, engine.fast
+    seq = engine.sequence([1, 2])
+    engine.forward([seq])
+    table = pool.table([seq])
+    one, pos = torch.tensor([1]), torch.tensor([2])
     with pytest.raises(ValueError, match="token id is out of range"):
-        decoder.step(torch.tensor([model.config.vocab_size]))
-    c = decoder.cache
-    step = model.cpu_decode_step
-    one = torch.tensor([1])
-    with pytest.raises(ValueError, match="beyond the KV cache"):
-        step(one, torch.tensor([2]), torch.tensor([8]), c.k, c.v, None)
+        step.decode(pool, torch.tensor([model.config.vocab_size]), pos, table)
+    with pytest.raises(ValueError, match="beyond the KV pool"):  # position 4 needs a second table entry
+        step.decode(pool, one, torch.tensor([4]), table)
+    with pytest.raises(ValueError, match="beyond the KV pool"):
+        step.decode(pool, one, pos, torch.tensor([[pool.num_blocks]]))
     with pytest.raises(ValueError, match="beyond the model's context"):
-        step(one, torch.tensor([model.config.n_ctx]), torch.tensor([2]), c.k, c.v, None)
-    with pytest.raises(ValueError, match="valid must be"):
-        step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v, c.valid[:, :4])
-    with pytest.raises(ValueError, match="one each per row"):  # C would read a second position
-        step(torch.tensor([1, 2]), torch.tensor([2]), torch.tensor([2, 2]), c.k, c.v, None)
-    with pytest.raises(ValueError, match="KV cache must be"):
-        step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v[..., :4], None)
-    with pytest.raises(ValueError, match="KV cache must be"):  # not this model's heads: C would read past it
-        step(one, torch.tensor([2]), torch.tensor([2]), c.k[:, :, :1].clone(), c.v[:, :, :1].clone(), None)
-    with pytest.raises(ValueError, match="float32 or float16, keys and values alike"):
-        step(one, torch.tensor([2]), torch.tensor([2]), c.k, c.v.half(), None)
-    assert not step.accepts(step.max_rows + 1, c.k) and not step.accepts(1, c.k.double())
+        step.decode(pool, one, torch.tensor([model.config.n_ctx]), table)
+    with pytest.raises(ValueError, match="one token, position and table row per row"):
+        step.decode(pool, torch.tensor([1, 2]), pos, table)
+    bad = SimpleNamespace(k=pool.k, v=pool.v[..., :4])
+    with pytest.raises(ValueError, match="KV pool must be"):
+        step.decode(bad, one, pos, table)
+    bad = SimpleNamespace(k=pool.k[:, :, :1].clone(), v=pool.v[:, :, :1].clone())  # C would read past it
+    with pytest.raises(ValueError, match="KV pool must be"):
+        step.decode(bad, one, pos, table)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        step.decode(SimpleNamespace(k=pool.k.double(), v=pool.v.double()), one, pos, table)
+    assert step.runs(step.max_rows) and not step.runs(0)
 
 
 @needs_kernels
 def test_half_cache_for_bfloat16_and_int8_saturates_like_the_torch_path():
-    from gptlab.decoder import Decoder
-
     model = peaked_model(n_layer=1)
     C = model.config.n_embd
     with torch.no_grad():  # keys far beyond float16's range, and one NaN value
         model.transformer.h[0].attn.c_attn.bias[C : 2 * C] = 1e6
         model.transformer.h[0].attn.c_attn.bias[2 * C] = float("nan")
     prepare_model(model, quantize="int8")
-    step = model.cpu_decode_step
-    decoder = Decoder(model, 1, 8)
-    assert decoder.cache.k.dtype == torch.float16
-    decoder.prefill([[1, 2]])  # slots 0-1 by the torch path (model.to_cache)
-    decoder.step(torch.tensor([3]))  # slot 2 by the C step
-    k, v = decoder.cache.k[0, 0, :, :3], decoder.cache.v[0, 0, :, :3]  # (nh, 3 slots, hs)
+    engine, _ = engines(model, tokens=8, block_size=8)
+    assert engine.pool.k.dtype == torch.float16
+    seq = engine.sequence([1, 2])
+    engine.forward([seq])  # positions 0-1 by the torch path (cache.to_cache)
+    seq.tokens.append(3)
+    engine.forward([seq])  # position 2 by the C step
+    block = seq.blocks[0]
+    k, v = engine.pool.k[0, block, :, :3], engine.pool.v[0, block, :, :3]  # (nh, 3 positions, hs)
     assert bool((k == 65504).all()), "keys are stored as float16's largest value, not inf"
     assert bool(v[0, :, 0].isnan().all()) and bool(v[..., 1:].isfinite().all()) and bool(v[1:].isfinite().all())
-    # more rows than the fused step takes run on torch, which would convert a float16 cache each layer
-    assert step.cache_dtype_for(step.max_rows) == torch.float16
-    assert step.cache_dtype_for(step.max_rows + 1) == torch.float32
-    assert Decoder(model, step.max_rows + 1, 4).cache.k.dtype == torch.float32
     # float32 weights keep the float32 cache
-    assert Decoder(prepare_model(peaked_model()), 1, 4).cache.k.dtype == torch.float32
+    assert engines(prepare_model(peaked_model()))[0].pool.k.dtype == torch.float32
 
 
 def test_huge_page_views_lay_tensors_out_in_order(monkeypatch):

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-from gptlab import GPT, KVCache, ModelConfig
+from gptlab import GPT, ModelConfig
 from gptlab.checkpoint import load_model, load_tokenizer
 from gptlab.cli import main
 from gptlab.interop.hf import load_hf_model, save_hf
@@ -51,16 +51,10 @@ def hf_greedy(model, ids: torch.Tensor) -> torch.Tensor:
     return out[:, ids.shape[1] :]
 
 
-@torch.no_grad()
 def gptlab_greedy(model: GPT, ids: torch.Tensor) -> torch.Tensor:
-    cache = KVCache(model.config, ids.shape[0], ids.shape[1] + NEW_TOKENS)
-    logits, _ = model(ids, cache=cache, last_only=True)
-    tokens = []
-    for _ in range(NEW_TOKENS):
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(token)
-        logits, _ = model(token, cache=cache, last_only=True)
-    return torch.cat(tokens, dim=1)
+    from gptlab.infer.generate import generate_ids
+
+    return torch.tensor(generate_ids(model, ids.tolist(), max_new_tokens=NEW_TOKENS, temperature=0))
 
 
 def assert_same_model(ours: GPT, reference, greedy: bool = True) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab import GPT, KVCache, ModelConfig, preset
+from gptlab import GPT, ModelConfig, preset
 from gptlab.model import banded_causal_attention
 from gptlab.presets import GPT3_NOMINAL_PARAMS, PRESETS
 
@@ -201,34 +201,25 @@ def test_local_band_end_to_end_and_dense_pattern_differs():
 
 
 @pytest.mark.parametrize("pattern", ["dense", "alternating"])
-def test_kv_cache_equals_full_recompute(pattern):
+def test_paged_kv_cache_equals_full_recompute(pattern):
+    """Prefill 10 tokens, then 20 one at a time through the paged cache: the logits of every position
+    equal the no-cache forward's."""
+    from gptlab.infer.engine import InferenceEngine
+
     torch.manual_seed(0)
     cfg = tiny(attn_pattern=pattern, local_window=5)
     model = GPT(cfg).eval()
     x = torch.randint(0, 101, (2, 30))
     full, _ = model(x)
-    cache = KVCache(cfg, 2, 40)
-    pieces = [model(x[:, :10], cache=cache)[0]]
+    engine = InferenceEngine(model, kv_cache_tokens=64, block_size=8)
+    seqs = [engine.sequence(row[:10].tolist()) for row in x]
+    pieces = [engine.forward(seqs, [10, 10]).view(2, 10, -1)]
     for t in range(10, 30):
-        pieces.append(model(x[:, t : t + 1], cache=cache)[0])
+        for seq, row in zip(seqs, x, strict=True):
+            seq.tokens.append(int(row[t]))
+        pieces.append(engine.forward(seqs).view(2, 1, -1))
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-5
-    assert cache.length == 30
-
-
-@pytest.mark.parametrize("pattern", ["dense", "alternating"])
-def test_kv_cache_left_padding_matches_unpadded(pattern):
-    torch.manual_seed(0)
-    cfg = tiny(attn_pattern=pattern, local_window=4)
-    model = GPT(cfg).eval()
-    short = torch.randint(0, 101, (1, 6))
-    ref, _ = model(short)
-    pad = 5
-    cache = KVCache(cfg, 1, 20)
-    cache.valid[0, :pad] = False
-    ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)
-    positions = torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(6)])[None]
-    out, _ = model(ids, cache=cache, positions=positions)
-    assert (out[:, pad:] - ref).abs().max() < 1e-5
+    assert [s.length for s in seqs] == [30, 30]
 
 
 def test_clear_errors_for_bad_input():

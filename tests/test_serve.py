@@ -417,8 +417,8 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
 
     import uvicorn
 
-    from gptlab.infer.cpu import kernels as cpu_kernels
     from gptlab.checkpoint import save_model
+    from gptlab.infer.cpu import kernels as cpu_kernels
     from gptlab.serve.app import serve
 
     save_model(copy.deepcopy(model), tmp_path / "ckpt", tiny_tokenizer)

@@ -1,9 +1,16 @@
 """Log-likelihood scoring shared by perplexity, few-shot tasks and the lm-eval adapter.
 
-One primitive, `score_tokens`: the log-probability of the last n tokens of each sequence given the
-tokens before them. Sequences are sorted by length and batched with right padding: attention is
-causal, so padding placed after a sequence's last token cannot change its logits. Only the scored
-positions are projected onto the vocabulary, so a batch never holds (B, T, vocab) logits.
+One question, two ways to answer it: the log-probability of the last n tokens of each sequence given
+the tokens before them.
+- `score_tokens` runs whole sequences through the model's forward, sorted by length and batched with
+  right padding (attention is causal, so padding after a sequence's last token cannot change its
+  logits). Only the scored positions are projected onto the vocabulary. Perplexity's sliding windows
+  share nothing, so they take this path.
+- `score_shared` runs through the inference engine: each distinct context (the sequence before its
+  scored tokens: a multiple-choice question, its few-shot examples) is computed once, each
+  continuation forks its KV blocks and computes only its own tokens, and blocks shared with earlier
+  contexts (the same few-shot examples in another item) come from the prefix cache. Multiple choice
+  and lm-eval's log-likelihood requests take this path.
 """
 
 from __future__ import annotations
@@ -36,6 +43,17 @@ def score_tokens(
 ) -> list[tuple[Tensor, Tensor]]:
     """For each sequence s and count n: (log P(s[i] | s[:i]) for the last n positions i, float32 (n,);
     whether each of those tokens is the argmax prediction, bool (n,))."""
+    _check_requests(model, sequences, n_scored, batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    try:
+        return _score_batches(model, sequences, n_scored, batch_size, progress, desc, device)
+    finally:
+        model.train(was_training)
+
+
+def _check_requests(model: GPT, sequences: Sequence[Sequence[int]], n_scored: Sequence[int], batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_ctx = model.config.n_ctx
@@ -44,13 +62,6 @@ def score_tokens(
             raise ValueError(f"request {i}: cannot score {n} of {len(seq)} tokens (the first has no context)")
         if len(seq) - 1 > n_ctx:
             raise ValueError(f"request {i}: {len(seq) - 1} input tokens exceed the context of {n_ctx}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # no dropout while scoring
-    try:
-        return _score_batches(model, sequences, n_scored, batch_size, progress, desc, device)
-    finally:
-        model.train(was_training)
 
 
 def _score_batches(
@@ -90,6 +101,68 @@ def _score_batches(
     return results  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def score_shared(
+    model: GPT,
+    sequences: Sequence[Sequence[int]],
+    n_scored: Sequence[int],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[tuple[Tensor, Tensor]]:
+    """What `score_tokens` returns, computing each distinct context once (see the module docstring).
+    `batch_size` counts contexts computed together."""
+    from gptlab.infer.cache import BLOCK_SIZE
+    from gptlab.infer.engine import InferenceEngine
+
+    _check_requests(model, sequences, n_scored, batch_size)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, n) in enumerate(zip(sequences, n_scored, strict=True)):
+        groups.setdefault(tuple(seq[: len(seq) - n]), []).append(i)
+    contexts = list(groups)  # in request order: neighbouring items tend to share few-shot examples
+    batches = [contexts[j : j + batch_size] for j in range(0, len(contexts), batch_size)]
+
+    def tokens_for(batch: list[tuple[int, ...]]) -> int:
+        own = sum(n_scored[i] + 2 * BLOCK_SIZE for ctx in batch for i in groups[ctx])
+        return sum(len(ctx) + BLOCK_SIZE for ctx in batch) + own
+
+    # room for a few batches, so blocks shared with earlier contexts are still cached when asked for
+    engine = InferenceEngine(model, kv_cache_tokens=4 * max(map(tokens_for, batches)))
+    results: list[tuple[Tensor, Tensor] | None] = [None] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            heads = [engine.sequence(list(ctx)) for ctx in batch]
+            first = engine.forward(heads)  # (B, V): each context's last position predicts a first token
+            forks, counts, plan = [], [], []
+            for b, ctx in enumerate(batch):
+                for i in groups[ctx]:
+                    continuation = list(sequences[i][len(ctx) :])
+                    if len(continuation) > 1:
+                        fork = engine.fork(heads[b])
+                        fork.tokens.extend(continuation[:-1])
+                        forks.append(fork)
+                        counts.append(len(continuation) - 1)
+                    plan.append((i, b, continuation))
+            rest = engine.forward(forks, counts) if forks else None
+            offset = 0
+            for i, b, continuation in plan:
+                n = len(continuation)
+                logits = first[b : b + 1]
+                if n > 1:
+                    logits = torch.cat([logits, rest[offset : offset + n - 1]])
+                    offset += n - 1
+                target = torch.tensor(continuation, device=logits.device)
+                token_lp = (logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)).cpu()
+                results[i] = (token_lp, (logits.argmax(-1) == target).cpu())
+            for seq in (*forks, *heads):
+                engine.free(seq)
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
 def encode_pair(tokenizer: TextTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation) as lm-evaluation-harness makes them.
 
@@ -115,10 +188,12 @@ def score_pairs(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "log-likelihood",
+    reuse: bool = True,
 ) -> list[tuple[float, bool]]:
     """(sum of log P(continuation | context), whether greedy decoding yields the continuation) per pair
     of token-id lists. Contexts longer than the model's window lose their oldest tokens (lm-eval's rule);
-    a continuation that alone does not fit raises."""
+    a continuation that alone does not fit raises. reuse=True computes each distinct context once
+    (`score_shared`); reuse=False every sequence whole (`score_tokens`)."""
     n_ctx = model.config.n_ctx
     sequences, counts = [], []
     for context, continuation in pairs:
@@ -130,7 +205,8 @@ def score_pairs(
             raise ValueError(f"continuation of {len(continuation)} tokens exceeds the context of {n_ctx}")
         sequences.append([*context, *continuation][-(n_ctx + 1) :])
         counts.append(len(continuation))
-    scored = score_tokens(model, sequences, counts, batch_size=batch_size, progress=progress, desc=desc)
+    score = score_shared if reuse else score_tokens
+    scored = score(model, sequences, counts, batch_size=batch_size, progress=progress, desc=desc)
     return [(float(lp.double().sum()), bool(greedy.all())) for lp, greedy in scored]
 
 
@@ -140,10 +216,11 @@ def loglikelihood(
     requests: Sequence[tuple[str, str]],
     batch_size: int = 16,
     progress: bool = False,
+    reuse: bool = True,
 ) -> list[tuple[float, bool]]:
     """lm-eval's `loglikelihood` on text: (log P(continuation | context), is_greedy) per request."""
     pairs = [encode_pair(tokenizer, context, continuation) for context, continuation in requests]
-    return score_pairs(model, pairs, batch_size=batch_size, progress=progress)
+    return score_pairs(model, pairs, batch_size=batch_size, progress=progress, reuse=reuse)
 
 
 def greedy_until(

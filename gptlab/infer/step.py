@@ -60,33 +60,29 @@ def reference_step(
     steps = torch.arange(T, device=device)
     real = steps[None, :] < lengths[:, None]  # (B, T)
     positions = torch.where(real, starts[:, None] + steps[None, :], starts[:, None])  # padding: a valid id
-    fresh = bool((starts == 0).all()) and bool(real.all())  # whole prompts: plain causal attention
+    rows, cols = real.nonzero(as_tuple=True)
+    p = positions[rows, cols]
+    write_block, write_offset = tables[rows, p // bs], p % bs  # where each real token's key goes
+    # Rows that start at position 0 attend only to their own new tokens: plain causal attention over
+    # them is exact (right padding comes after every real query), flash / banded kernels included.
+    fresh = bool((starts == 0).all())
     if not fresh:
-        rows, cols = real.nonzero(as_tuple=True)
-        p = positions[rows, cols]
-        write_block, write_offset = tables[rows, p // bs], p % bs
         keys_at = torch.arange(tables.shape[1] * bs, device=device)
         dense = keys_at[None, None, :] <= positions[:, :, None]  # (B, T, W * bs)
         local = dense & (positions[:, :, None] - keys_at[None, None, :] < config.local_window)
         dense, local = dense[:, None], local[:, None]  # (B, 1, T, W * bs): one mask for every head
-    else:
-        nb = -(-T // bs)
-        fill = nb * bs - T
     x = t.wte(tokens) + t.wpe(positions)  # (B, T, C)
     for layer, block in enumerate(t.h):
         attn = block.attn
         q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = k.view(B, T, nh, hs), v.view(B, T, nh, hs)
         k_cache, v_cache = pool.k[layer], pool.v[layer]  # (num_blocks, nh, bs, hs)
+        k_cache[write_block, :, write_offset] = to_cache(k[rows, cols], k_cache)
+        v_cache[write_block, :, write_offset] = to_cache(v[rows, cols], v_cache)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if fresh:
-            k, v = k.view(B, T, nh, hs).transpose(1, 2), v.view(B, T, nh, hs).transpose(1, 2)
-            for cache, new in ((k_cache, k), (v_cache, v)):  # whole blocks: (B, nh, nb * bs, hs) -> (B, nb, nh, bs, hs)
-                blocks = F.pad(new, (0, 0, 0, fill)).view(B, nh, nb, bs, hs).transpose(1, 2)
-                cache[tables[:, :nb]] = to_cache(blocks, cache)
-            y = attn.attend(q, k, v)
+            y = attn.attend(q, k.transpose(1, 2), v.transpose(1, 2))
         else:
-            k_cache[write_block, :, write_offset] = to_cache(k.view(B, T, nh, hs)[rows, cols], k_cache)
-            v_cache[write_block, :, write_offset] = to_cache(v.view(B, T, nh, hs)[rows, cols], v_cache)
             W = tables.shape[1]
             keys = k_cache[tables].transpose(1, 2).reshape(B, nh, W * bs, hs).to(q.dtype)  # (B, nh, W * bs, hs)
             values = v_cache[tables].transpose(1, 2).reshape(B, nh, W * bs, hs).to(q.dtype)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gptlab.infer.cache import OutOfBlocks
+from gptlab.infer.cache import BLOCK_SIZE, OutOfBlocks
 from gptlab.infer.engine import InferenceEngine, default_cache_tokens
 from gptlab.infer.rows import Completion, Row, TokenLogprob, advance, make_rows, start
 from gptlab.infer.sampling import SamplingParams, top_logprobs
@@ -82,6 +82,7 @@ class Engine:
         *,
         kv_cache_tokens: int | None = None,
         prefix_caching: bool = True,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
@@ -93,7 +94,9 @@ class Engine:
         self.max_len = model.config.n_ctx
         if kv_cache_tokens is None:
             kv_cache_tokens = default_cache_tokens(model, torch.float32, most=max_concurrent * self.max_len)
-        self.core = InferenceEngine(model, kv_cache_tokens=kv_cache_tokens, prefix_caching=prefix_caching)
+        self.core = InferenceEngine(
+            model, kv_cache_tokens=kv_cache_tokens, prefix_caching=prefix_caching, block_size=block_size
+        )
         self.pool = self.core.pool
         self._running: list[_Entry] = []
         self._logits: Tensor | None = None  # (len(running), V) next-token logits awaiting sampling
@@ -144,8 +147,10 @@ class Engine:
         stops: Sequence[str] = (),
         prompt_logprobs: int | None = None,
         deltas: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Job:
-        """Queue `prompts` (token ids) for `params.n` completions each; call from the event loop.
+        """Queue `prompts` (token ids) for `params.n` completions each; call from the event loop (or
+        name the `loop` that receives the job's events).
         `prompt_logprobs`: also report the prompt tokens' logprobs with this many alternatives."""
         params.validate()
         if params.n > self.max_concurrent:
@@ -165,7 +170,7 @@ class Engine:
                     f"needs {need * self.pool.block_size} KV-cache tokens; this server holds "
                     f"{self.pool.capacity} (--kv-cache-tokens)"
                 )
-        job = Job(self, len(prompts) * params.n, asyncio.get_running_loop(), deltas)
+        job = Job(self, len(prompts) * params.n, loop or asyncio.get_running_loop(), deltas)
         groups = [_Group(job, list(p), i, params, list(stops), prompt_logprobs) for i, p in enumerate(prompts)]
         with self._cond:
             if len({id(g.job) for g in self._pending}) >= self.max_queue:
@@ -239,13 +244,15 @@ class Engine:
 
     # ---- admission ---------------------------------------------------------------------------
     def _blocks_needed(self, prompt: int, n: int, new: int = 1) -> int:
-        """Blocks a group needs: its prompt once, and each sample its new tokens and a copied block."""
-        return self.pool.blocks_for(prompt) + n * (self.pool.blocks_for(new) + 1)
+        """Blocks a group needs for `new` tokens a sample: the prompt's full blocks once (shared), and
+        each sample the rest (its copy of the prompt's last block, and blocks for its new tokens)."""
+        shared = prompt // self.pool.block_size
+        return shared + n * (self.pool.blocks_for(prompt + new) - shared)
 
     def _admit(self) -> None:
         """Preempted rows first, then queued prompts, first come first served, while the pool has
         blocks for their prompts and the batch has room."""
-        room = self.max_concurrent - len(self._running)
+        room, budget = self.max_concurrent - len(self._running), self.pool.available
         with self._cond:
             resume = []
             while self._resume and room > 0:
@@ -253,14 +260,12 @@ class Engine:
                 if entry.gone:
                     self._resume.popleft()
                     continue
-                if self._blocks_needed(len(entry.row.prompt) + len(entry.row.ids), 1) > self.pool.available:
+                need = self._blocks_needed(len(entry.row.prompt) + len(entry.row.ids), 1)
+                if need > budget:
                     break
                 resume.append(self._resume.popleft())
-                room -= 1
+                room, budget = room - 1, budget - need
             groups = []
-            budget = self.pool.available - sum(
-                self._blocks_needed(len(e.row.prompt) + len(e.row.ids), 1) for e in resume
-            )
             while self._pending and not self._resume:
                 group = self._pending[0]
                 if group.job.cancelled or group.job.failed:
@@ -309,6 +314,12 @@ class Engine:
                 with self._cond:
                     self._resume.extendleft(reversed(resume))
                     self._pending.extendleft(reversed(groups))
+                return
+            if len(groups) + len(resume) > 1:  # find the request at fault: the others go on
+                for group in groups:
+                    self._prefill([group], [])
+                for entry in resume:
+                    self._prefill([], [entry])
                 return
             log.exception("prefill failed")
             jobs = {id(x.group.job): x.group.job for x in (*entries, *resume)}
