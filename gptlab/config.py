@@ -149,12 +149,6 @@ class ModelConfig:
             raise ValueError(f"unknown ModelConfig fields {unknown}; valid fields: {sorted(known)}")
         return cls(**d)
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        from gptlab.presets import preset
-
-        return preset(name, **overrides)
-
 
 def _nearest_divisor(n: int, near: int) -> int:
     divisors = [d for d in range(1, n + 1) if n % d == 0]

@@ -195,10 +195,3 @@ class GPT(nn.Module):
             if self.lm_head is not None:
                 n -= self.lm_head.weight.numel()
         return n
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> GPT:
-        """Load a gptlab checkpoint / run directory or a Hugging Face GPT-2 (directory or hub name)."""
-        from gptlab.checkpoint import load_model
-
-        return load_model(path, **kwargs)

@@ -50,7 +50,7 @@ def test_blocks_are_taken_as_sequences_grow_and_come_back_when_they_end():
     seq = engine.sequence(list(range(1, 10)))  # 9 tokens: 3 blocks
     engine.forward([seq])
     assert len(seq.blocks) == 3 and pool.in_use == 3
-    for t in range(3):  # positions 9-11 fit the third block; the 13th token takes a fourth
+    for _ in range(3):  # positions 9-11 fit the third block; the 13th token takes a fourth
         seq.tokens.append(5)
         engine.forward([seq])
     assert len(seq.blocks) == 3

@@ -16,7 +16,7 @@ from typing import Any
 from gptlab.config import ModelConfig, load_config_file
 from gptlab.reports.run_report import Run, final_metrics, is_run_dir, load_run, model_config_from_dict
 from gptlab.reports.sizing import sizing
-from gptlab.reports.table import format_table, human
+from gptlab.reports.table import RUN_ROWS, bytes_text, format_table, g_text, human, int_text, sci_text
 
 FORMATS = ("table", "markdown", "json", "csv")
 
@@ -56,26 +56,6 @@ def _labels(specs: Sequence[str], names: Sequence[str]) -> list[str]:
     return out
 
 
-# ---- formatting ---------------------------------------------------------------------------------
-def _bytes(n: float) -> str:
-    for factor, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= factor:
-            return f"{n / factor:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _sci(x: float) -> str:
-    return f"{x:.3g}".replace("e+", "e")
-
-
-def _int(x: float) -> str:
-    return f"{int(x):,}"
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
-
-
 # (key in sizing(), row label, formatter)
 SIZING_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("n_layer", "layers", str),
@@ -84,43 +64,28 @@ SIZING_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("head_size", "head size", str),
     ("n_ctx", "context", str),
     ("attention", "attention", str),
-    ("params", "parameters", _int),
-    ("params_embedding", "  embedding", _int),
-    ("params_non_embedding", "  non-embedding", _int),
-    ("fwd_flops_per_token", "forward FLOPs/token (full context)", _sci),
-    ("train_flops", "training FLOPs (6ND + attention)", _sci),
-    ("weights_fp32_bytes", "weights fp32", _bytes),
-    ("weights_bf16_bytes", "weights bf16", _bytes),
-    ("weights_int8_bytes", "weights int8", _bytes),
-    ("train_weights_bytes", "AdamW train: weights (fp32)", _bytes),
-    ("train_gradients_bytes", "  gradients (fp32)", _bytes),
-    ("train_optimizer_bytes", "  optimizer state (2x fp32)", _bytes),
-    ("activations_bytes", "  activations", _bytes),
-    ("activations_checkpointed_bytes", "  activations, checkpointed", _bytes),
-    ("train_memory_bytes", "  total", _bytes),
-    ("train_memory_checkpointed_bytes", "  total, checkpointed", _bytes),
-    ("kv_bytes_per_token", "KV cache bf16 / token", _bytes),
-    ("kv_bytes_full_context", "KV cache bf16, full context", _bytes),
+    ("params", "parameters", int_text),
+    ("params_embedding", "  embedding", int_text),
+    ("params_non_embedding", "  non-embedding", int_text),
+    ("fwd_flops_per_token", "forward FLOPs/token (full context)", sci_text),
+    ("train_flops", "training FLOPs (6ND + attention)", sci_text),
+    ("weights_fp32_bytes", "weights fp32", bytes_text),
+    ("weights_bf16_bytes", "weights bf16", bytes_text),
+    ("weights_int8_bytes", "weights int8", bytes_text),
+    ("train_weights_bytes", "AdamW train: weights (fp32)", bytes_text),
+    ("train_gradients_bytes", "  gradients (fp32)", bytes_text),
+    ("train_optimizer_bytes", "  optimizer state (2x fp32)", bytes_text),
+    ("activations_bytes", "  activations", bytes_text),
+    ("activations_checkpointed_bytes", "  activations, checkpointed", bytes_text),
+    ("train_memory_bytes", "  total", bytes_text),
+    ("train_memory_checkpointed_bytes", "  total, checkpointed", bytes_text),
+    ("kv_bytes_per_token", "KV cache bf16 / token", bytes_text),
+    ("kv_bytes_full_context", "KV cache bf16, full context", bytes_text),
     ("chinchilla_tokens", "compute-optimal tokens (20/param)", human),
-    ("train_days", "training days", _g),
-    ("inference_tokens_per_s", "decode tokens/s bound (batch 1)", _g),
+    ("train_days", "training days", g_text),
+    ("inference_tokens_per_s", "decode tokens/s bound (batch 1)", g_text),
 ]
 
-RUN_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
-    ("params", "parameters", _int),
-    ("attention", "attention", str),
-    ("seq_len", "sequence length", str),
-    ("steps", "steps", str),
-    ("tokens", "tokens seen", human),
-    ("train_flops", "training FLOPs", _sci),
-    ("final_train_loss", "final train loss", lambda v: f"{v:.4f}"),
-    ("final_val_loss", "final val loss", lambda v: f"{v:.4f}"),
-    ("best_val_loss", "best val loss", lambda v: f"{v:.4f}"),
-    ("val_perplexity", "val perplexity", lambda v: f"{v:.2f}"),
-    ("tokens_per_s", "tokens/s (median)", _g),
-    ("mfu", "MFU (median)", lambda v: f"{v:.3f}"),
-    ("elapsed_s", "elapsed s", _g),
-]
 
 
 def render(

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gptlab.reports.run_report import Run
+Run = Any  # a `gptlab.reports.run_report.Run` (which imports this module to draw its plots)
 
 # (key in `sizing()` results, bar label): the quantities worth a log-scale glance.
 SIZING_BARS = (

@@ -260,7 +260,7 @@ def write_report(
     """Write RUN_DIR/report.md (or `out`) and the loss curve PNG beside it; returns the report path."""
     from gptlab.checkpoint import atomic_write_text, list_checkpoints
     from gptlab.reports.plots import plot_run
-    from gptlab.reports.table import format_table
+    from gptlab.reports.table import RUN_ROWS, format_table
 
     run = load_run(run_dir)
     out = Path(out) if out is not None else run.path / "report.md"
@@ -270,7 +270,6 @@ def write_report(
     lines = [f"# Run report: {run.name}", "", f"Run directory: `{run.path}`", ""]
 
     lines += ["## Final metrics", ""]
-    from gptlab.reports.compare import RUN_ROWS
 
     rows = [{"metric": title, "value": "n/a" if fin[k] is None else f(fin[k])} for k, title, f in RUN_ROWS]
     lines += [format_table(rows, markdown=True), ""]

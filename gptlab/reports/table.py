@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -51,3 +51,41 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# ---- number formats for report rows -------------------------------------------------------------
+def bytes_text(n: float) -> str:
+    for factor, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def sci_text(x: float) -> str:
+    return f"{x:.3g}".replace("e+", "e")
+
+
+def int_text(x: float) -> str:
+    return f"{int(x):,}"
+
+
+def g_text(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
+
+
+# (key in a run's final metrics, row label, formatter)
+RUN_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("params", "parameters", int_text),
+    ("attention", "attention", str),
+    ("seq_len", "sequence length", str),
+    ("steps", "steps", str),
+    ("tokens", "tokens seen", human),
+    ("train_flops", "training FLOPs", sci_text),
+    ("final_train_loss", "final train loss", lambda v: f"{v:.4f}"),
+    ("final_val_loss", "final val loss", lambda v: f"{v:.4f}"),
+    ("best_val_loss", "best val loss", lambda v: f"{v:.4f}"),
+    ("val_perplexity", "val perplexity", lambda v: f"{v:.2f}"),
+    ("tokens_per_s", "tokens/s (median)", g_text),
+    ("mfu", "MFU (median)", lambda v: f"{v:.3f}"),
+    ("elapsed_s", "elapsed s", g_text),
+]

@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gptlab.infer.rows import Completion, TokenLogprob
 
-if TYPE_CHECKING:
-    from gptlab.serve.engine import Engine
+
+class Scheduler(Protocol):
+    """What a job needs of the engine that runs it (`gptlab.serve.engine.Engine`)."""
+
+    def post(self, job: Job, event: object) -> None: ...
+    def wake(self) -> None: ...
 
 
 # ---- events sent from the engine thread to a request -------------------------------------------
@@ -61,7 +65,7 @@ class Job:
     `deltas=False` (a non-streaming request): no Delta events, only the finished completions."""
 
     def __init__(
-        self, engine: Engine, n_choices: int, loop: asyncio.AbstractEventLoop, deltas: bool = True
+        self, engine: Scheduler, n_choices: int, loop: asyncio.AbstractEventLoop, deltas: bool = True
     ) -> None:
         self.engine, self.n_choices, self.loop, self.deltas = engine, n_choices, loop, deltas
         self.queue: asyncio.Queue = asyncio.Queue()
