@@ -107,7 +107,7 @@ def test_load_hf_directory_matches_transformers(tmp_path, fmt, tied):
     else:  # transformers v5 only writes safetensors: write the legacy pickle format ourselves
         write_legacy_bin(reference, tmp_path, prefixed=not tied)
     assert not (tmp_path / ("pytorch_model.bin" if fmt == "safetensors" else "model.safetensors")).exists()
-    ours = GPT.from_pretrained(str(tmp_path))
+    ours = load_model(str(tmp_path))
     assert ours.config.tie_embeddings is tied and (ours.lm_head is None) is tied
     assert (ours.config.n_layer, ours.config.n_ctx, ours.config.vocab_size) == (2, 128, 256)
     assert_same_model(ours, reference)
@@ -245,7 +245,7 @@ def test_hub_name_offline_asks_for_a_local_directory(monkeypatch, capsys):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     name = "gptlab-tests/no-such-model"
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE.*Pass a local directory"):
-        GPT.from_pretrained(name)
+        load_model(name)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         load_model(name)
     assert main(["convert", "--from-hf", name, "--out", "unused-out"]) == 2

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gptlab import GPT, ModelConfig, preset
+from gptlab.checkpoint import load_model
 from gptlab.cli import main
 from gptlab.reports import sizing as sz
 from gptlab.reports.compare import load_model_spec, parse_tokens
@@ -286,7 +287,7 @@ def test_report_card(capsys, tmp_path, tokenizer):
     assert "12,345" in md and torch.__version__ in md and '"seq_len": 32' in md
 
     # The sample is a greedy continuation: check it against a plain full-recompute argmax loop.
-    model = GPT.from_pretrained(str(run / "checkpoints" / "step_00000040"))
+    model = load_model(str(run / "checkpoints" / "step_00000040"))
     prompt = tokenizer.encode("the quick")
     idx = torch.tensor([prompt])
     with torch.no_grad():
