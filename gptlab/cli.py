@@ -292,6 +292,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     option("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     option("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
     option("--device", default="cpu", help="torch device")
+    option("--verbose", action="store_true", help="print KV-cache and prefix-cache counters after each completion")
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.infer.generate import run_generate
@@ -309,7 +310,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         )
         return run_generate(
             model, tokenizer, args.prompt, params, interactive=args.interactive,
-            truncate=not args.no_truncate, compile=args.compile,
+            truncate=not args.no_truncate, compile=args.compile, verbose=args.verbose,
         )
 
     p.set_defaults(func=run)

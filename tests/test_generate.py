@@ -502,6 +502,25 @@ def test_cli_generate_and_interactive(tmp_path, byte_tokenizer, monkeypatch, cap
     assert cli("ab", "--beams", "2", "--n", "2") == 0
     assert capsys.readouterr().out.count("--- completion") == 2
     assert cli("ab", "--top-p", "0") == 2 and "top_p" in capsys.readouterr().err
+    # one engine for the session: the second prompt starts with the first's blocks (16 bytes each)
+    monkeypatch.setattr("sys.stdin", io.StringIO("x" * 20 + "\n"))
+    assert cli("x" * 20, "-i", "--verbose") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "prefix cache: 0 of 20 prompt tokens reused" in err[0]
+    assert "prefix cache: 16 of 40 prompt tokens reused (40%)" in err[1]
+
+
+def test_a_shared_engine_reuses_prompts_across_calls(byte_tokenizer):
+    model = peaked_model(vocab_size=257, n_ctx=64)
+    engine = InferenceEngine(model, kv_cache_tokens=256)
+    system = "You are a terse assistant. Q: "
+    first = generate(model, byte_tokenizer, system + "hi", max_new_tokens=5, temperature=0, engine=engine)
+    again = generate(model, byte_tokenizer, system + "yo", max_new_tokens=5, temperature=0, engine=engine)
+    assert engine.pool.stats.hits == 16 and engine.pool.in_use == 0
+    fresh = generate(model, byte_tokenizer, [system + "hi", system + "yo"], max_new_tokens=5, temperature=0)
+    assert [first[0].text, again[0].text] == [c.text for c in fresh]
+    with pytest.raises(ValueError, match="another model"):
+        generate(peaked_model(seed=1, vocab_size=257), byte_tokenizer, "x", max_new_tokens=2, engine=engine)
 
 
 @pytest.mark.slow

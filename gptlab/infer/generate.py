@@ -114,12 +114,25 @@ def decode_rows(engine: InferenceEngine, rows: list[Row], eos_id: int | None) ->
         logits = engine.forward([r.seq for r in live])
 
 
-def _run(
-    model: GPT, prompts: list[list[int]], params: SamplingParams, rows: list[Row], eos_id: int | None, compile: bool
-) -> None:
-    engine = engine_for(model, prompts, params, compile)
-    for _ in decode_rows(engine, rows, eos_id):
-        pass
+def _engine(
+    model: GPT, engine: InferenceEngine | None, prompts: list[list[int]], params: SamplingParams, compile: bool
+) -> InferenceEngine:
+    if engine is None:
+        return engine_for(model, prompts, params, compile)
+    if engine.model is not model:
+        raise ValueError("the engine runs another model; build an InferenceEngine of this one")
+    return engine
+
+
+def _run(engine: InferenceEngine, rows: list[Row], eos_id: int | None) -> None:
+    try:
+        for _ in decode_rows(engine, rows, eos_id):
+            pass
+    finally:  # an error (or a full pool) must not leave blocks held in a long-lived engine
+        for r in rows:
+            if r.seq is not None:
+                engine.free(r.seq)
+                r.seq = None
     _raise_failures(rows)
 
 
@@ -138,24 +151,28 @@ def generate(
     *,
     truncate: bool = True,
     compile: bool = False,
+    engine: InferenceEngine | None = None,
     **kwargs: Any,
 ) -> list[Completion]:
     """Complete each prompt `params.n` times; completions ordered by prompt, then sample.
 
     Keyword arguments override fields of `params` (`generate(m, tok, "Hi", temperature=0)`).
-    Prompts of different lengths share one batch; each row stops on its own.
+    Prompts of different lengths share one batch; each row stops on its own. `engine`: an
+    `InferenceEngine` of `model` to run on (its prefix cache kept across calls); by default one sized
+    for this call.
     """
     params = _params(params, kwargs)
     ids = fit_prompts(_encode_prompts(tokenizer, prompts), model.config.n_ctx, params.max_new_tokens, truncate)
+    engine = _engine(model, engine, ids, params, compile)
     with _EvalMode(model):
         if params.num_beams > 1:
             from gptlab.infer.beam import beam_search
 
             if params.logprobs is not None:
                 raise ValueError("logprobs are not available with beam search (num_beams > 1)")
-            return beam_search(engine_for(model, ids, params, compile), ids, params, tokenizer.eot_id, tokenizer)
+            return beam_search(engine, ids, params, tokenizer.eot_id, tokenizer)
         rows = make_rows(ids, params, tokenizer)
-        _run(model, ids, params, rows, tokenizer.eot_id, compile)
+        _run(engine, rows, tokenizer.eot_id)
     return [r.completion() for r in rows]
 
 
@@ -167,6 +184,7 @@ def stream(
     *,
     truncate: bool = True,
     compile: bool = False,
+    engine: InferenceEngine | None = None,
     **kwargs: Any,
 ) -> Iterator[str]:
     """Text deltas of one completion as tokens are generated; never splits a UTF-8 character, and
@@ -178,14 +196,21 @@ def stream(
         raise ValueError("stream produces one completion: use n=1 and num_beams=1 (or generate())")
     ids = fit_prompts(_encode_prompts(tokenizer, prompt), model.config.n_ctx, params.max_new_tokens, truncate)
     rows = make_rows(ids, params, tokenizer)
+    runner = _engine(model, engine, ids, params, compile)
 
     def deltas() -> Iterator[str]:
         tracker = rows[0].tracker
         assert tracker is not None
-        with _EvalMode(model):
-            for _ in decode_rows(engine_for(model, ids, params, compile), rows, tokenizer.eot_id):
-                if text := tracker.delta():
-                    yield text
+        try:
+            with _EvalMode(model):
+                for _ in decode_rows(runner, rows, tokenizer.eot_id):
+                    if text := tracker.delta():
+                        yield text
+        finally:  # also when the caller stops reading early
+            for r in rows:
+                if r.seq is not None:
+                    runner.free(r.seq)
+                    r.seq = None
         _raise_failures(rows)
         tracker.finish()
         if text := tracker.delta(final=True):
@@ -202,6 +227,7 @@ def generate_ids(
     *,
     truncate: bool = True,
     compile: bool = False,
+    engine: InferenceEngine | None = None,
     **kwargs: Any,
 ) -> list[list[int]]:
     """Token-level generation: new ids per prompt (n per prompt, in order), the eos token excluded.
@@ -220,18 +246,30 @@ def generate_ids(
                 raise ValueError(f"prompt {i} is empty; pass eos_id to start it from the end-of-text token")
             p.append(eos_id)
     prompts = fit_prompts(prompts, model.config.n_ctx, params.max_new_tokens, truncate)
+    engine = _engine(model, engine, prompts, params, compile)
     with _EvalMode(model):
         if params.num_beams > 1:
             from gptlab.infer.beam import beam_search
 
-            engine = engine_for(model, prompts, params, compile)
             return [c.token_ids for c in beam_search(engine, prompts, params, eos_id, None)]
         rows = make_rows(prompts, params, None)
-        _run(model, prompts, params, rows, eos_id, compile)
+        _run(engine, rows, eos_id)
     return [r.ids for r in rows]
 
 
 # ---- command line ----------------------------------------------------------------------------------
+def cache_line(engine: InferenceEngine) -> str:
+    """One line of the engine's KV-cache counters (`--verbose`)."""
+    s = engine.summary()
+    prefix = s["prefix_cache"]
+    looked = prefix["hits"] + prefix["misses"]
+    return (
+        f"[kv cache: {s['blocks_in_use']}/{s['blocks_total']} blocks of {s['block_size']} in use "
+        f"(peak {s['blocks_peak']}, {s['blocks_cached']} cached); prefix cache: {prefix['hits']} of {looked} "
+        f"prompt tokens reused ({100 * prefix['hit_rate']:.0f}%); backend {s['backend']}, {s['kv_dtype']}]"
+    )
+
+
 def run_generate(
     model: GPT,
     tokenizer: TextTokenizer,
@@ -241,25 +279,33 @@ def run_generate(
     interactive: bool = False,
     truncate: bool = True,
     compile: bool = False,
+    verbose: bool = False,
     out: Any = None,
 ) -> int:
     """What `gptlab generate` does: stream one completion to `out` (stdout) as tokens arrive, print
-    n completions / beams one after another, and with `interactive` read prompts from stdin."""
+    n completions / beams one after another, and with `interactive` read prompts from stdin. One
+    engine serves the session, so prompts that start alike (a conversation) reuse cached blocks;
+    `verbose` prints its KV-cache and prefix-cache counters to stderr after each completion."""
     import sys
 
     out = out or sys.stdout
     params.validate()
+    rows = max(params.n, params.num_beams)
+    n_ctx = model.config.n_ctx
+    engine = InferenceEngine(model, kv_cache_tokens=(rows + 1) * (n_ctx + 2 * BLOCK_SIZE), compile=compile)
 
     def complete(text: str) -> None:
         if params.n == 1 and params.num_beams == 1:
-            for delta in stream(model, tokenizer, text, params, truncate=truncate, compile=compile):
+            for delta in stream(model, tokenizer, text, params, truncate=truncate, engine=engine):
                 out.write(delta)
                 out.flush()
             out.write("\n")
-            return
-        for i, c in enumerate(generate(model, tokenizer, text, params, truncate=truncate, compile=compile)):
-            out.write(f"--- completion {i + 1} ({c.finish_reason}) ---\n{c.text}\n")
-        out.flush()
+        else:
+            for i, c in enumerate(generate(model, tokenizer, text, params, truncate=truncate, engine=engine)):
+                out.write(f"--- completion {i + 1} ({c.finish_reason}) ---\n{c.text}\n")
+            out.flush()
+        if verbose:
+            print(cache_line(engine), file=sys.stderr, flush=True)
 
     if prompt is not None:
         complete(prompt)
