@@ -93,6 +93,8 @@ def _chmod_tree(root: Path) -> None:
     # mkdtemp makes a 0700 directory and safetensors writes 0600 files: give what mkdir / open() would.
     mask = _umask()
     for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue  # chmod would follow it out of the tree
         if p.is_dir():
             os.chmod(p, 0o777 & ~mask)
         elif p.is_file():

@@ -93,7 +93,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--from-hf", metavar="DIR", help="Hugging Face GPT-2 directory (or hub name) -> gptlab checkpoint"
+        "--from-hf", metavar="DIR", help="Hugging Face GPT-2 directory (or Hub id org/name) -> gptlab checkpoint"
     )
     src.add_argument(
         "--to-hf", metavar="CKPT", help="gptlab checkpoint or run directory -> Hugging Face GPT-2 directory"
