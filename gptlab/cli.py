@@ -17,6 +17,60 @@ class CLIError(Exception):
     """An error the user can fix; printed as one line, no traceback."""
 
 
+# ---- argument types: a bad value is a one-line usage error before anything loads ----------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535 (0: any free port), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device string this machine has ('auto' passes through for commands that take it)."""
+    if text in ("auto", "cpu"):
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), cuda:0-{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: gptlab runs on cpu, cuda or mps devices")
+    return text
+
+
 def _add_configs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("configs", help="table of every model preset with its size and FLOPs")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
@@ -39,7 +93,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--from-hf", metavar="DIR", help="Hugging Face GPT-2 directory (or hub name) -> gptlab checkpoint"
+        "--from-hf", metavar="DIR", help="Hugging Face GPT-2 directory (or Hub id org/name) -> gptlab checkpoint"
     )
     src.add_argument(
         "--to-hf", metavar="CKPT", help="gptlab checkpoint or run directory -> Hugging Face GPT-2 directory"
@@ -226,7 +280,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     for q in (ppl, few):
         q.add_argument("--out", default=None, metavar="FILE.json", help="also write the full result as JSON")
         q.add_argument("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
-        q.add_argument("--device", default="cpu", help="torch device")
+        q.add_argument("--device", type=_device, default="cpu", help="torch device")
         q.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
         q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -291,7 +345,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     option("--no-truncate", action="store_true", help="error on prompts too long for the context")
     option("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     option("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
-    option("--device", default="cpu", help="torch device")
+    option("--device", type=_device, default="cpu", help="torch device")
     option("--verbose", action="store_true", help="print KV-cache and prefix-cache counters after each completion")
 
     def run(args: argparse.Namespace) -> int:
@@ -330,10 +384,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON config (a run's config.json too)")
     p.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-        help="continue from the newest checkpoint (of RUN_DIR, with its config.json; or of the config's "
-        "run directory)",
+        help="continue from the newest checkpoint that reads back intact (of RUN_DIR, with its config.json; "
+        "or of the config's run directory); RUN_DIR may be one checkpoint directory of a run",
     )
-    p.add_argument("--time-limit", type=float, metavar="MIN", help="stop training after MIN minutes")
+    p.add_argument("--step", type=int, metavar="N", help="with --resume: resume from the checkpoint of step N")
+    p.add_argument("--time-limit", type=_positive_float, metavar="MIN", help="stop training after MIN minutes")
     p.add_argument("--run-dir", metavar="DIR", help="output directory (default runs/<preset>-<time>)")
 
     def run(args: argparse.Namespace) -> int:
@@ -341,7 +396,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         from gptlab.train.pipeline import train_command
 
         try:
-            train_command(args.config, args.overrides, args.resume, args.time_limit, args.run_dir)
+            train_command(args.config, args.overrides, args.resume, args.time_limit, args.run_dir, args.step)
         except NonFiniteLossError as e:
             print(f"gptlab train: stopped: {e}", file=sys.stderr)
             return 1
@@ -359,25 +414,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="gptlab checkpoint / run dir, or a HF GPT-2 dir")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument(
         "--api-key", default=None,
         help="require 'Authorization: Bearer KEY' on every /v1 call (default: $GPTLAB_API_KEY, else none)",
     )
     p.add_argument("--model-name", help="model id clients send (default: the checkpoint directory's name)")
-    p.add_argument("--max-concurrent", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait (default 256)")
-    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens (default n_ctx-1)")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default n_ctx - 1)")
-    p.add_argument("--max-n", type=int, default=8, help="largest n per request (default 8)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    count = _positive_int
+    p.add_argument("--max-concurrent", type=count, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=count, default=256, help="requests that may wait (default 256)")
+    p.add_argument("--max-tokens-limit", type=count, help="largest max_tokens (default n_ctx-1)")
+    p.add_argument("--max-prompt-tokens", type=count, help="longest prompt in tokens (default n_ctx - 1)")
+    p.add_argument("--max-n", type=count, default=8, help="largest n per request (default 8)")
+    p.add_argument("--max-body-bytes", type=count, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores but one)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores but one)")
     p.add_argument(
-        "--kv-cache-tokens", type=int, default=None,
+        "--kv-cache-tokens", type=_positive_int, default=None,
         help="tokens the paged KV cache holds (default: what fits a quarter of the free memory, at most "
         "max-concurrent full contexts); requests are admitted by its free blocks",
     )
@@ -485,7 +541,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-last", action="store_true", help="output the last weights, not the best on --val")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of head / adapter init and data order")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="compute")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -524,7 +580,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", metavar="FILE.jsonl", help='labelled {"text", "label"} lines: print accuracy')
     p.add_argument("--base", metavar="CKPT", help="LoRA adapter: base model (default: the recorded one)")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device")
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.finetune.classify import Classifier
@@ -568,6 +624,10 @@ def _add_lora(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 COMMANDS = [
     _add_configs, _add_convert, _add_tokenizer, _add_compare, _add_report, _add_prepare, _add_eval,
     _add_generate, _add_train, _add_serve, _add_export,
@@ -597,11 +657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = extra
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head`
         return 0
+    except (CLIError, ValueError, ImportError, OSError) as e:
+        # ValueError includes errors raised while running (bad settings, corrupt files); OSError covers
+        # FileNotFoundError, a --run-dir that is a file, permissions and full disks. Each names its path.
+        print(f"gptlab {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130

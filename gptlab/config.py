@@ -268,26 +268,40 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text ({e})") from None
     try:
         if suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
-            return tomllib.loads(text)
-        if suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ModuleNotFoundError:
-                raise ImportError("reading YAML configs needs PyYAML: pip install pyyaml") from None
-            return yaml.safe_load(text) or {}
-        if suffix == ".json":
-            return json.loads(text)
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = _load_yaml(text) or {}
     except (ValueError, TypeError) as e:
-        raise ValueError(f"could not parse config file {path}: {e}") from None
-    raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+        raise ValueError(f"could not parse config file {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table of settings, got a {type(data).__name__}")
+    return data
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        raise ImportError("reading YAML configs needs PyYAML: pip install pyyaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # e.g. a !!python/object tag, which safe_load refuses
+        raise ValueError(str(e)) from None
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 # GPT-2's pre-tokenizer (openai/gpt-2 src/encoder.py), written as tiktoken's `gpt2` encoding writes it.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
+# Unicode's White_Space property: what `\s` matches in tiktoken's regex engine (fancy-regex over the
+# regex crate). Python's str.isspace differs (it accepts U+001C..U+001F), so the set is spelled out.
+WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000").union(map(chr, range(0x2000, 0x200B)))
+# fancy-regex gives up on `\s+(?!\S)` over a run of about a million whitespace characters (its
+# backtracking limit), and tiktoken turns that into a Rust panic (pyo3 PanicException, a BaseException).
+# Runs this long are split off before tiktoken sees them (see `Tokenizer._encode`); any length >= 2 gives
+# the same ids, this one keeps ordinary text on tiktoken's fast path.
+LONG_WHITESPACE_RUN = 4096
 GPT2_VOCAB_SIZE = 50257
 FORMAT_VERSION = 1
 
@@ -323,9 +331,42 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        if not allowed_special:
+        allowed = self._allowed(allowed_special) if allowed_special else frozenset()
+        if _long_whitespace_runs(LONG_WHITESPACE_RUN).search(text) is None:
+            return self._encode_plain(text, allowed)
+        return self._encode(text, allowed)
+
+    def _encode_plain(self, text: str, allowed: frozenset[str]) -> list[int]:
+        if not allowed:
             return self._enc.encode_ordinary(text)
-        return self._enc.encode(text, allowed_special=self._allowed(allowed_special), disallowed_special=())
+        return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def _encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        r"""`_encode_plain`'s ids, with each long whitespace run encoded apart from the regex.
+
+        GPT-2's pattern splits a maximal whitespace run W followed by a non-space into W[:-1] (by
+        `\s+(?!\S)`) and W[-1] + what follows (the next match starts there); a run that ends the text,
+        or meets a special token (where tiktoken ends the regex's text), is one piece. No other
+        alternative of the pattern reaches into or across a whitespace run, so the text before W
+        tokenizes alone as it does in place, and W[:-1] (or W) is one piece for BPE.
+        """
+        if any(WHITESPACE.intersection(special) for special in allowed):
+            # A special token holding whitespace could span a cut; no GPT-2 special token does.
+            return self._encode_plain(text, allowed)
+        specials = tuple(allowed)
+        ids: list[int] = []
+        start = 0
+        for run in _long_whitespace_runs(LONG_WHITESPACE_RUN).finditer(text):
+            begin, end = run.span()
+            alone = end == len(text) or (specials and text.startswith(specials, end))
+            stop = end if alone else end - 1
+            ids += self._encode_plain(text[start:begin], allowed)
+            if stop > begin:  # (empty only for runs of one, were LONG_WHITESPACE_RUN set to 1)
+                # tiktoken's BPE of one pre-tokenized piece: what encode_ordinary does with each regex match.
+                ids += self._enc._encode_single_piece(text[begin:stop])
+            start = stop
+        ids += self._encode_plain(text[start:], allowed)
+        return ids
 
     def encode_batch(
         self, texts: Sequence[str], *, allowed_special: AllowedSpecial = (), num_threads: int | None = None
@@ -337,11 +378,21 @@ class Tokenizer:
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode_batch expects a sequence of str")
         threads = num_threads or _cpu_count()
-        if not allowed_special:
-            return self._enc.encode_ordinary_batch(texts, num_threads=threads)
-        return self._enc.encode_batch(
-            texts, num_threads=threads, allowed_special=self._allowed(allowed_special), disallowed_special=()
-        )
+        allowed = self._allowed(allowed_special) if allowed_special else frozenset()
+        long_runs = _long_whitespace_runs(LONG_WHITESPACE_RUN)
+        ordinary = [i for i, t in enumerate(texts) if long_runs.search(t) is None]
+        if not allowed:
+            batch = self._enc.encode_ordinary_batch([texts[i] for i in ordinary], num_threads=threads)
+        else:
+            batch = self._enc.encode_batch(
+                [texts[i] for i in ordinary], num_threads=threads, allowed_special=allowed, disallowed_special=()
+            )
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(ordinary, batch, strict=True):
+            out[i] = ids
+        for i in sorted(set(range(len(texts))) - set(ordinary)):
+            out[i] = self._encode(texts[i], allowed)
+        return out
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The bytes of `ids`; for streaming, where a UTF-8 character may span two tokens."""
@@ -549,6 +600,14 @@ def _read_files(files: list[Path], split: Callable[[str], list[str]], show_progr
                     except UnicodeDecodeError as e:
                         raise ValueError(f"training file {file} is not UTF-8 text ({e})") from None
                     yield from filter(None, split(text))
+
+
+@functools.cache
+def _long_whitespace_runs(length: int) -> re.Pattern[str]:
+    # The lookbehind starts a match only where a run starts: without it, every run shorter than
+    # `length` is rescanned from each of its characters (quadratic in the run).
+    space = "[" + "".join(sorted(WHITESPACE)) + "]"  # no character of the set is special inside [ ]
+    return re.compile(f"(?<!{space}){space}{{{length},}}")
 
 
 def _cpu_count() -> int:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gptlab import tokenizer as tokenizer_module
 from gptlab.tokenizer import EOT, Tokenizer, bytes_to_unicode
 
 # GPT-2's published file hashes (tiktoken_ext/openai_public.py): the fixtures are the real files.
@@ -452,3 +453,56 @@ def test_cli_train_and_encode(tmp_path, tiny_corpus, capsys):
     assert capsys.readouterr().out.split() == [str(i) for i in tok.encode("def add(a, b):")]
     assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "none"), "x"]) == 2
     assert "no tokenizer found" in capsys.readouterr().err
+
+
+# ---- long runs (tiktoken's regex panics on ~1M whitespace characters) ------------------------------
+WHITESPACE_AND_NEAR_MISSES = [*sorted(tokenizer_module.WHITESPACE), "\x1c", "\x1f", "\u180e", "\u200b", "\ufeff"]
+RUN_ATOMS = [
+    *WHITESPACE_AND_NEAR_MISSES, *"aZé東1٣.'!<>|-_\"#", "'s", "'ll", "'re", EOT, "<|endoftext", "😀", "e\u0301",
+]
+runs_text = st.lists(
+    st.tuples(st.sampled_from(RUN_ATOMS), st.sampled_from([1, 1, 1, 2, 3, 5, 9])), max_size=40
+).map(lambda parts: "".join(atom * n for atom, n in parts))
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+@HYPOTHESIS
+@given(text=runs_text)
+def test_runs_split_from_the_regex_give_tiktokens_ids(gpt2_tokenizer, tiktoken_reference, limit, text):
+    # A small threshold sends every whitespace run through the split path, on inputs tiktoken handles.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer_module, "LONG_WHITESPACE_RUN", limit)
+        ordinary = gpt2_tokenizer.encode(text)
+        special = gpt2_tokenizer.encode(text, allowed_special="all")
+        batch = gpt2_tokenizer.encode_batch([text, "x", text], allowed_special="all", num_threads=2)
+    assert ordinary == tiktoken_reference.encode_ordinary(text)
+    assert special == tiktoken_reference.encode(text, allowed_special="all")
+    assert batch == [special, [87], special]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " " * 5000,
+        "x" + " " * 5000 + "y",
+        " " * 5000 + "y",
+        "\n" * 4999 + " Hello",
+        "a" + "\t \n\u3000\xa0" * 2000 + "'s",
+        " " * 4096 + EOT + " " * 4097 + EOT + "\n" * 4096,
+        ("word " + " " * 4100) * 3,
+    ],
+)
+def test_long_whitespace_runs_match_tiktoken_where_it_succeeds(gpt2_tokenizer, tiktoken_reference, text):
+    assert len(text) > tokenizer_module.LONG_WHITESPACE_RUN  # the split path, at the shipped threshold
+    assert gpt2_tokenizer.encode(text) == tiktoken_reference.encode_ordinary(text)
+    assert gpt2_tokenizer.encode(text, allowed_special="all") == tiktoken_reference.encode(text, allowed_special="all")
+    assert gpt2_tokenizer.encode_batch([text]) == [tiktoken_reference.encode_ordinary(text)]
+
+
+@pytest.mark.parametrize("unit", [" ", "a", "\n", "\r\n", " \t", "\u3000"])
+def test_a_megabyte_of_one_character_encodes(gpt2_tokenizer, tiny_tokenizer, unit):
+    text = unit * (1_000_000 // len(unit))
+    for tok in (gpt2_tokenizer, tiny_tokenizer):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.encode_batch(["x", text + "y"], num_threads=2)[1] == tok.encode(text + "y")

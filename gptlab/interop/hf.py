@@ -357,11 +357,11 @@ def convert_from_hf(src: str | Path, out: str | Path, overwrite: bool = False) -
     model = load_hf_model(directory)
     tokenizer_files = [directory / f for f in TOKENIZER_FILES if (directory / f).is_file()]
     with atomic_dir(out) as tmp:
-        write_model_files(model, tmp)
-        if tokenizer_files:
+        if tokenizer_files:  # before the model files, so that checksums.json records them too
             (tmp / TOKENIZER_DIR).mkdir()
             for f in tokenizer_files:
                 shutil.copyfile(f, tmp / TOKENIZER_DIR / f.name)
+        write_model_files(model, tmp)
     return out
 
 

@@ -30,11 +30,14 @@ from gptlab.train.metrics import MetricsLogger, peak_flops
 from gptlab.train.optim import build_optimizer, set_lr
 from gptlab.train.schedule import batch_size_at, lr_at
 from gptlab.train.state import (
+    LoadedCheckpoint,
     TrainState,
     checkpoint_dir,
+    clean_interrupted_writes,
     latest_resumable,
     prune_checkpoints,
     read_checkpoint,
+    read_newest_good,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -101,9 +104,11 @@ def train(
 ) -> TrainResult:
     """Train `model` on `task` as `cfg.optim` / `cfg.train` say, writing to `run_dir`.
 
-    `resume`: True resumes from the newest resumable checkpoint of `run_dir` (starting fresh if there is
-    none), a path resumes from that checkpoint. `model` is the plain module on any device; the loop
-    moves, wraps (activation checkpointing, compile, DDP / FSDP) and returns nothing of it.
+    `resume`: True resumes from the newest resumable checkpoint of `run_dir` that reads back intact
+    (skipping newer corrupt ones with a warning; starting fresh if there is none), a run directory from
+    its newest good one, a checkpoint directory from exactly that checkpoint. `model` is the plain module
+    on any device; the loop moves, wraps (activation checkpointing, compile, DDP / FSDP) and returns
+    nothing of it.
     """
     t = cfg.train
     run_dir = Path(run_dir)
@@ -130,8 +135,12 @@ def _train(
     device = d.device
     dtype = resolve_dtype(t.dtype, device)
 
-    start_from = _find_resume(run_dir, resume)
-    loaded = read_checkpoint(start_from) if start_from is not None and d.is_main else None
+    loaded = None
+    if d.is_main:
+        for removed in clean_interrupted_writes(run_dir):
+            print(f"removed {removed}, left by an interrupted checkpoint write", flush=True)
+        loaded = _read_resume(run_dir, resume)
+    start_from = D.broadcast_object(d, loaded.directory if loaded else None)
     state = D.broadcast_object(d, loaded.state if loaded else None) or TrainState()
     rng_all = D.broadcast_object(d, loaded.rng if loaded else None)
     if start_from is not None and d.is_main:
@@ -177,15 +186,15 @@ def _train(
             logger.close()
 
 
-def _find_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
+def _read_resume(run_dir: Path, resume: bool | str | Path) -> LoadedCheckpoint | None:
     if resume is False or resume is None:
         return None
     if resume is True:
-        return latest_resumable(run_dir)
+        return read_newest_good(run_dir)
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} to resume from does not exist")
-    return latest_resumable(path) if not (path / "train_state.json").is_file() else path
+    return read_newest_good(path) if not (path / "train_state.json").is_file() else read_checkpoint(path)
 
 
 class _Timer:

@@ -255,19 +255,31 @@ def train_command(
     resume: bool | str = False,
     time_limit: float | None = None,
     run_dir: str | None = None,
+    step: int | None = None,
 ) -> TrainResult:
     """What `gptlab train` does: the main job without a config, else pretraining from the config.
 
     `--resume RUN_DIR` continues RUN_DIR with its own config.json (plus overrides, e.g. a larger
-    train.max_steps); `--resume` with `--config` continues the config's run directory.
+    train.max_steps) from its newest checkpoint that reads back intact, or from step `step`; RUN_DIR may
+    also be one checkpoint directory of a run. `--resume` with `--config` continues the config's run
+    directory.
     """
     from gptlab.train.config import load_train_config
     from gptlab.train.pretrain import config_of_run, pretrain
+    from gptlab.train.state import resume_target
 
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"--time-limit must be a positive number of minutes, got {time_limit}")
+    if run_dir is not None and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ValueError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir")
+    if step is not None and not resume:
+        raise ValueError("--step N picks the checkpoint to resume from: gptlab train --resume RUN_DIR --step N")
+    resume_from: bool | Path = bool(resume)
     if isinstance(resume, str):
         if config is not None:
             raise ValueError("give either --config FILE or --resume RUN_DIR (which brings its own config), not both")
-        config, run_dir = str(config_of_run(resume)), resume
+        run, checkpoint = resume_target(Path(resume), step)
+        config, run_dir, resume_from = str(config_of_run(run)), str(run), checkpoint or True
     if config is None:
         if resume:
             raise ValueError("--resume needs the run to continue: gptlab train --resume RUN_DIR")
@@ -278,4 +290,8 @@ def train_command(
         train = dataclasses.replace(train, time_limit=time_limit)
     if run_dir is not None:
         train = dataclasses.replace(train, run_dir=str(run_dir))
-    return pretrain(dataclasses.replace(cfg, train=train), resume=bool(resume))
+    if step is not None and resume_from is True:  # --resume --step N with --config
+        if train.run_dir is None:
+            raise ValueError("--step N needs the run directory: set train.run_dir, or pass --resume RUN_DIR")
+        _, resume_from = resume_target(Path(train.run_dir), step)
+    return pretrain(dataclasses.replace(cfg, train=train), resume=resume_from)

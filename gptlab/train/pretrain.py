@@ -82,6 +82,8 @@ def pretrain(cfg: TrainConfig, *, resume: bool | str | Path = False, dist: D.Dis
             cfg, train=dataclasses.replace(cfg.train, run_dir=D.broadcast_object(d, cfg.train.run_dir))
         )  # one timestamp for every rank
         run_dir = Path(cfg.train.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"train.run_dir {run_dir} is a file, not a directory; choose another --run-dir")
         # Every rank checks (the run directory is on shared storage), so all of them stop together.
         if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
             raise ValueError(

@@ -4,15 +4,19 @@ checkpoints/step_00000040/ holds config.json + model.safetensors (+ tokenizer/) 
 `gptlab.checkpoint.save_model` writes them, and beside them:
   train_state.json         step, data position, tokens, optimizer hyper-parameters, RNG scalars
   train_state.safetensors  optimizer moments ("optimizer/<param>/<key>") and RNG state tensors
+  checksums.json           the SHA-256 of each file above, verified when the checkpoint is read
 No pickle: resuming reads JSON and safetensors only. The directory is written under a temporary name
-and renamed into place, so a crash mid-write leaves the previous checkpoint intact.
+and renamed into place, so a crash mid-write leaves the previous checkpoint intact (and a `.tmp-step_*`
+folder, removed by `clean_interrupted_writes` at the next start).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +30,13 @@ from gptlab.checkpoint import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     atomic_dir,
+    check_finite,
     list_checkpoints,
+    model_config_of,
+    read_config,
     read_safetensors,
+    verify_checksums,
+    write_checksums,
 )
 from gptlab.config import ModelConfig
 
@@ -157,6 +166,7 @@ def write_checkpoint(
             meta["rng"].append(rng_scalars)
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2))
+        write_checksums(tmp)
     return directory
 
 
@@ -170,25 +180,96 @@ class LoadedCheckpoint:
 
 
 def read_checkpoint(directory: Path) -> LoadedCheckpoint:
-    """Read what `write_checkpoint` wrote; errors name the file."""
+    """Read what `write_checkpoint` wrote, verified (checksums, finite tensors); errors name the file."""
     if not has_train_state(directory):
         raise FileNotFoundError(
             f"{directory} has no {STATE_JSON} / {STATE_TENSORS}: it is a model checkpoint, not a resumable one"
         )
+    verify_checksums(directory)
+    file = directory / STATE_JSON
     try:
-        meta = json.loads((directory / STATE_JSON).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / STATE_JSON} is corrupted ({e}); resume from an earlier checkpoint") from None
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is corrupted ({e}); resume from an earlier checkpoint") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a {type(meta).__name__}; the checkpoint is corrupted")
     if meta.get("version") != STATE_VERSION:
-        raise ValueError(f"{directory / STATE_JSON} has version {meta.get('version')}, expected {STATE_VERSION}")
+        raise ValueError(f"{file} has version {meta.get('version')}, expected {STATE_VERSION}")
+    model_config_of(read_config(directory), directory / CONFIG_FILE)
     tensors = read_safetensors(directory / STATE_TENSORS)
     model_sd = read_safetensors(directory / WEIGHTS_FILE)
-    optim_sd = _unflatten_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
-    rng = []
-    for rank, scalars in enumerate(meta["rng"]):
-        prefix = f"rng/{rank}/"
-        rng.append(({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, scalars))
-    return LoadedCheckpoint(directory, model_sd, optim_sd, TrainState(**meta["state"]), rng)
+    check_finite(model_sd, directory / WEIGHTS_FILE)
+    check_finite(tensors, directory / STATE_TENSORS)
+    try:
+        optim_sd = _unflatten_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+        rng = []
+        for rank, scalars in enumerate(meta["rng"]):
+            prefix = f"rng/{rank}/"
+            rng.append(({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, scalars))
+        state = TrainState(**meta["state"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(
+            f"{file} is corrupted: {type(e).__name__} {e} while reading it; resume from an earlier checkpoint"
+        ) from None
+    return LoadedCheckpoint(directory, model_sd, optim_sd, state, rng)
+
+
+def read_newest_good(run_dir: Path) -> LoadedCheckpoint | None:
+    """The newest resumable checkpoint of `run_dir` that reads back intact; newer ones that do not are
+    skipped with a warning naming them. None when the run has no resumable checkpoint."""
+    candidates = [c for c in reversed(list_checkpoints(run_dir)) if has_train_state(c)]
+    for checkpoint in candidates:
+        try:
+            return read_checkpoint(checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            warnings.warn(f"skipping checkpoint {checkpoint}: {e}", stacklevel=2)
+    if candidates:
+        raise ValueError(
+            f"none of the {len(candidates)} checkpoints of {run_dir} can be read (see the warnings above); "
+            "restore one or start a new run"
+        )
+    return None
+
+
+def resume_target(path: Path, step: int | None = None) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from) for `--resume PATH [--step N]`: PATH is a run directory
+    (checkpoint None: its newest good one, unless `step` names one) or one of its checkpoint directories."""
+    if has_train_state(path):
+        if path.parent.name != CHECKPOINTS_DIR:
+            raise ValueError(f"{path} is a checkpoint outside a run's {CHECKPOINTS_DIR}/ folder; pass the run")
+        if step is not None and checkpoint_dir(path.parent.parent, step) != path:
+            raise ValueError(f"--step {step} contradicts the checkpoint {path}; give one of them")
+        return path.parent.parent, path
+    if step is None:
+        return path, None
+    checkpoint = checkpoint_dir(path, step)
+    if not has_train_state(checkpoint):
+        steps = [int(c.name.removeprefix("step_")) for c in list_checkpoints(path) if has_train_state(c)]
+        raise FileNotFoundError(f"{path} has no resumable checkpoint at step {step}; its checkpoints: steps {steps}")
+    return path, checkpoint
+
+
+def clean_interrupted_writes(run_dir: Path) -> list[Path]:
+    """Remove what a killed `write_checkpoint` left in run_dir/checkpoints; returns what was removed.
+
+    `.tmp-step_*` folders are unfinished writes. An `.old-step_*` folder is a checkpoint moved aside to be
+    replaced: it is deleted if its replacement is in place, else moved back.
+    """
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".old-step_") and p.is_dir():
+            target = root / p.name[len(".old-") :].rsplit("-", 1)[0]
+            if not target.exists():
+                os.replace(p, target)
+                continue
+        elif not (p.name.startswith(".tmp-step_") and p.is_dir()):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
