@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -47,18 +48,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env() -> dict[str, str]:
+    """This checkout's gptlab first on the path of the servers and `gptlab export`."""
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def _launch(cmd: list[str], probe: str, what: str, timeout: float = 300) -> subprocess.Popen:
     """Start `cmd` and wait (at most `timeout` s) until GET `probe` answers 200; its stderr goes to a
     temp file whose tail is the error when it exits first."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=log)
     proc.log = log  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+            log.close()
             raise ServerFailed(f"{what} exited with code {proc.returncode}: {' | '.join(tail)}")
         try:
             if httpx.get(probe, timeout=1).status_code == 200:
@@ -81,7 +87,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def start_server(
-    checkpoint: Path, port: int, max_concurrent: int, queue: int, threads: int | None, extra: list[str] = ()
+    checkpoint: Path, port: int, max_concurrent: int, queue: int, threads: int | None, extra: Sequence[str] = ()
 ) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "gptlab", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
@@ -124,9 +130,8 @@ def health(url: str) -> dict:
 def export_gguf(checkpoint: Path, out: Path, dtype: str) -> Path:
     """The checkpoint as GGUF `dtype` through `gptlab export` (what a user runs)."""
     if not out.is_file():
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         cmd = [sys.executable, "-m", "gptlab", "export", str(checkpoint), "--format", "gguf"]
-        subprocess.run([*cmd, "--out", str(out), "--dtype", dtype], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*cmd, "--out", str(out), "--dtype", dtype], env=_env(), check=True, stdout=subprocess.DEVNULL)
     return out
 
 

@@ -135,7 +135,9 @@ def cpu_name() -> str:
 
 
 # ---- workloads ---------------------------------------------------------------------------------
-def run_load(args: argparse.Namespace, checkpoint: Path, requests: int, max_tokens: int) -> str:
+def run_load(
+    args: argparse.Namespace, checkpoint: Path, requests: int, max_tokens: int, work: Path
+) -> str:
     """Continuous batching vs smaller --max-concurrent settings (non-streaming)."""
     from gptlab.reports.table import format_table
 
@@ -165,7 +167,9 @@ def run_load(args: argparse.Namespace, checkpoint: Path, requests: int, max_toke
     return "\n".join(lines)
 
 
-def run_shared_prefix(args: argparse.Namespace, checkpoint: Path, requests: int, max_tokens: int) -> str:
+def run_shared_prefix(
+    args: argparse.Namespace, checkpoint: Path, requests: int, max_tokens: int, work: Path
+) -> str:
     """A common system prompt per round, prefix caching on and off; TTFT, throughput, peak KV bytes."""
     from gptlab.reports.table import format_table
 
@@ -238,7 +242,9 @@ def run_shared_prefix(args: argparse.Namespace, checkpoint: Path, requests: int,
     ])  # fmt: skip
 
 
-def run_llamacpp(args: argparse.Namespace, checkpoint: Path, requests: int, max_tokens: int) -> str:
+def run_llamacpp(
+    args: argparse.Namespace, checkpoint: Path, requests: int, max_tokens: int, work: Path
+) -> str:
     """gptlab vs llama-cpp-python's server on the same weights, at equal precision, 1 and --clients clients."""
     from gptlab.reports.table import format_table
 
@@ -279,7 +285,7 @@ def run_llamacpp(args: argparse.Namespace, checkpoint: Path, requests: int, max_
             elif llama_missing:
                 raise ServerFailed(llama_missing)
             else:
-                gguf = export_gguf(checkpoint, checkpoint.parent / f"model-{weights}.gguf", weights)
+                gguf = export_gguf(checkpoint, work / f"model-{weights}.gguf", weights)
                 proc = start_llamacpp(gguf, port := free_port(), config.n_ctx, threads)
         except (ServerFailed, subprocess.CalledProcessError) as e:
             notes.append(f"{kind} {weights}: not measured: {e}")
@@ -324,7 +330,7 @@ def run_llamacpp(args: argparse.Namespace, checkpoint: Path, requests: int, max_
         for c in levels:
             a, b = measured.get(("gptlab", ours, c)), measured.get(("llama.cpp", theirs, c))
             if a and b:
-                lines.append(f"\n{c} clients: gptlab {ours} {a / b:.2f}x the tokens/s of llama.cpp {theirs}")
+                lines.append(f"\n{c} client(s): gptlab {ours} {a / b:.2f}x the tokens/s of llama.cpp {theirs}")
     return "\n".join(lines + [f"\n{n}" for n in notes])
 
 
@@ -378,7 +384,7 @@ def main() -> None:
             else:
                 checkpoint = built[name]
             requests = args.requests or requests
-            tables.append(runners[workload](args, checkpoint, requests, args.max_tokens or max_tokens))
+            tables.append(runners[workload](args, checkpoint, requests, args.max_tokens or max_tokens, Path(tmp)))
     print(f"\nCPU: {cpu_name()}, {os.cpu_count()} logical cores")
     for table in tables:
         print(f"\n{table}")
