@@ -64,12 +64,7 @@ BAD_INVOCATIONS = [
     pytest.param(["generate", "bincfg", "hi"], "bincfg/config.json is not valid JSON", id="config-binary"),
     pytest.param(["generate", "runs/nano-typo", "hi"], "runs/nano-typo does not exist", id="typo-path"),
     pytest.param(["generate", "nano-typo", "hi"], "nano-typo does not exist", id="bare-name"),
-    # `generate --temperature 1e-300` still raises a RuntimeError inside sampling (torch.multinomial on
-    # inf probabilities); tiny temperatures becoming greedy is sampling.py's change, outside this table.
-    pytest.param(
-        ["generate", "ckpt", "hi", "--temperature", "1e-300", "--max-new-tokens", "2"], "", id="tiny-temperature",
-        marks=pytest.mark.skip(reason="needs sampling.py to treat tiny temperatures as greedy"),
-    ),
+    pytest.param(["generate", "ckpt", "hi", "--repetition-penalty", "1e-300"], "repetition_penalty", id="penalty"),
 ]
 
 
@@ -86,6 +81,15 @@ def test_bad_invocation_prints_one_line_and_fails(workdir: Path, capsys, argv: l
     assert last.startswith(f"gptlab {argv[0]}") and ": error: " in last and expected in last
     if "usage:" not in err:  # runtime errors: that one line and nothing else
         assert err == last
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "5e-324", "1e-40"])
+def test_tiny_temperatures_decode_greedily(workdir: Path, capsys, temperature: str):
+    args = ["generate", "ckpt", "hi", "--max-new-tokens", "6", "--seed", "1"]
+    assert main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*args, "--temperature", temperature]) == 0
+    assert capsys.readouterr().out == greedy
 
 
 def test_prepare_a_megabyte_of_spaces(tmp_path: Path, tiny_tokenizer, capsys):
