@@ -102,7 +102,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
 
     def run(args: argparse.Namespace) -> int:
-        from gptlab.interop.hf import convert_from_hf, convert_to_hf
+        from gptlab.interop.convert import convert_from_hf, convert_to_hf
 
         if args.from_hf:
             out = convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite)

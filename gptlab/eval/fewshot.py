@@ -64,8 +64,10 @@ def evaluate_task(
     limit: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    reuse: bool = True,
 ) -> dict[str, Any]:
-    """Score `task`'s test items; returns metrics, their standard errors and per-item details."""
+    """Score `task`'s test items; returns metrics, their standard errors and per-item details.
+    reuse=False scores every choice's whole sequence instead of computing each context once."""
     items = task.test[:limit]
     prompts = build_prompts(task, shots, seed, limit)
     delim = task.target_delimiter
@@ -73,7 +75,7 @@ def evaluate_task(
     metrics: dict[str, Any] = {}
     if task.kind == "multiple_choice":
         requests = [(p, delim + c) for p, item in zip(prompts, items, strict=True) for c in item.choices]
-        scored = loglikelihood(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+        scored = loglikelihood(model, tokenizer, requests, batch_size=batch_size, progress=progress, reuse=reuse)
         offset = 0
         for item in items:
             lls = [ll for ll, _ in scored[offset : offset + len(item.choices)]]
@@ -93,7 +95,7 @@ def evaluate_task(
         names = ["acc", "acc_norm"]
     elif task.kind == "cloze":
         requests = [(p, delim + item.target) for p, item in zip(prompts, items, strict=True)]
-        scored = loglikelihood(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+        scored = loglikelihood(model, tokenizer, requests, batch_size=batch_size, progress=progress, reuse=reuse)
         for item, (ll, greedy) in zip(items, scored, strict=True):
             details.append({"loglikelihood": ll, "target": item.target, "acc": float(greedy)})
         names = ["acc"]

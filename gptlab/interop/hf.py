@@ -12,23 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gptlab.checkpoint import (
-    CONFIG_FILE,
-    TOKENIZER_DIR,
-    WEIGHTS_FILE,
-    atomic_dir,
-    read_safetensors,
-    state_dict_for_save,
-    write_model_files,
-)
 from gptlab.config import ModelConfig
+from gptlab.files import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, read_safetensors, state_dict_for_save
 from gptlab.model import GPT
 
 if TYPE_CHECKING:
@@ -337,51 +328,7 @@ def save_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None)
     return out_dir
 
 
-# ---- conversions (the `gptlab convert` command) ------------------------------------------------
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"output directory {out} already exists and is not empty; pass --overwrite to replace it"
-        )
-
-
-def convert_from_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Hugging Face GPT-2 directory (or hub name) -> gptlab checkpoint, tokenizer files copied along."""
-    from gptlab.checkpoint import _is_hub_name
-
-    out = Path(out)
-    _check_out(out, overwrite)
-    directory = download(src) if isinstance(src, str) and _is_hub_name(src) else Path(src)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory; pass a Hugging Face GPT-2 directory")
-    model = load_hf_model(directory)
-    tokenizer_files = [directory / f for f in TOKENIZER_FILES if (directory / f).is_file()]
-    with atomic_dir(out) as tmp:
-        if tokenizer_files:  # before the model files, so that checksums.json records them too
-            (tmp / TOKENIZER_DIR).mkdir()
-            for f in tokenizer_files:
-                shutil.copyfile(f, tmp / TOKENIZER_DIR / f.name)
-        write_model_files(model, tmp)
-    return out
-
-
-def convert_to_hf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """gptlab checkpoint or run directory -> Hugging Face GPT-2 directory (with its tokenizer, if any)."""
-    from gptlab.checkpoint import load_model, load_tokenizer
-
-    out = Path(out)
-    _check_out(out, overwrite)
-    model = load_model(src)
-    try:
-        tokenizer = load_tokenizer(src)
-    except FileNotFoundError:
-        tokenizer = None  # a model trained on raw token ids: export the weights alone
-    return save_hf(model, out, tokenizer)
-
-
 __all__ = [
-    "convert_from_hf",
-    "convert_to_hf",
     "download",
     "gptlab_state_dict_to_hf",
     "hf_config_to_model_config",
