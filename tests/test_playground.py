@@ -41,9 +41,9 @@ def _chromium() -> str:
 class _PacedEngine(Engine):
     """Decode steps 20 ms apart, so the page is seen mid-stream."""
 
-    def _decode(self, tokens):
+    def _decode(self):
         time.sleep(0.02)
-        return super()._decode(tokens)
+        return super()._decode()
 
 
 @pytest.fixture(scope="module")
