@@ -306,3 +306,24 @@ def test_generate_leaves_the_model_untouched():
     generate_ids(model, [[1, 2, 3]], max_new_tokens=5, temperature=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(k.startswith("_") for k in vars(model) if k not in vars(GPT(model.config)))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_advance_fails_only_rows_whose_logits_cannot_be_sampled(temperature):
+    from gptlab.infer.rows import advance, make_rows
+    from gptlab.infer.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=4, temperature=temperature, seed=0)
+    rows = make_rows([[1], [2], [3], [4], [5]], params, None)
+    logits = torch.full((5, 7), -1.0)
+    logits[:, 3] = 5.0
+    logits[1, 2] = float("nan")  # NaN anywhere
+    logits[2, 6] = float("inf")  # +inf anywhere
+    logits[3] = float("-inf")  # -inf everywhere
+    logits[4, :3] = float("-inf")  # -inf in places only: still samplable
+    advance(rows, logits, eos_id=None, n_ctx=64)
+    assert [r.finish_reason for r in rows] == [None, "error", "error", "error", None]
+    assert all("not finite" in rows[i].error for i in (1, 2, 3))
+    assert rows[0].ids == [3] and rows[4].ids[0] in range(3, 7)
+    if temperature == 0:
+        assert rows[4].ids == [3]

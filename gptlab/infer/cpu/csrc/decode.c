@@ -190,22 +190,32 @@ static inline void axpy_half(float a, const uint16_t *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += a * _cvtsh_ss(x[i]);
 }
 
+/* A head's run of keys or values in the next block starts a fresh stream the hardware prefetcher has
+ * not seen; ask for it while this block is read. */
+static inline void prefetch_block(const char *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
 /* Attention of row b, head h over the paged cache: writes the row's new key and value at position
  * `pos` (block table[pos / bs], offset pos % bs), then attends to positions [lo, pos].
  * kc, vc: this layer's (num_blocks, n_head, bs, hs) keys and values, float32 or (half) float16. */
 static void attend(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b, int64_t h, char *kc, char *vc,
                    int half, const int64_t *table, int64_t bs, int64_t pos, int64_t lo, float *scores, float *out) {
     const float *q = qkv + b * 3 * C + h * hs;
-    const int64_t elem = half ? 2 : 4, stride = nh * bs * hs * elem; /* bytes from one block to the next */
-#define AT(base, s) ((base) + table[(s) / bs] * stride + (h * bs + (s) % bs) * hs * elem)
-    store_kv(AT(kc, pos), q + C, hs, half);
-    store_kv(AT(vc, pos), q + 2 * C, hs, half);
+    /* Walked block by block: a division per position costs as much as its dot product. */
+    const int64_t tok = hs * (half ? 2 : 4), stride = nh * bs * tok, head = h * bs * tok;
+    store_kv(kc + table[pos / bs] * stride + head + (pos % bs) * tok, q + C, hs, half);
+    store_kv(vc + table[pos / bs] * stride + head + (pos % bs) * tok, q + 2 * C, hs, half);
     float scale = 1.0f / sqrtf((float)hs), mx = -INFINITY;
-    for (int64_t s = lo; s <= pos; s++) {
-        const char *k = AT(kc, s);
-        float v = (half ? dot_half(q, (const uint16_t *)k, hs) : dot(q, (const float *)k, hs)) * scale;
-        scores[s - lo] = v;
-        mx = v > mx ? v : mx;
+    for (int64_t s = lo; s <= pos;) {
+        const int64_t j = s / bs, end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
+        const char *k = kc + table[j] * stride + head + (s - j * bs) * tok;
+        if (end <= pos) prefetch_block(kc + table[j + 1] * stride + head, bs * tok);
+        for (; s < end; s++, k += tok) {
+            float v = (half ? dot_half(q, (const uint16_t *)k, hs) : dot(q, (const float *)k, hs)) * scale;
+            scores[s - lo] = v;
+            mx = v > mx ? v : mx;
+        }
     }
     int64_t n = pos + 1 - lo, i = 0;
     for (; i + 8 <= n; i += 8)
@@ -217,14 +227,17 @@ static void attend(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t 
     for (; i < n; i++) sum += scores[i];
     float *o = out + b * C + h * hs;
     memset(o, 0, hs * sizeof(float));
-    for (int64_t s = lo; s <= pos; s++) {
-        const char *v = AT(vc, s);
-        if (half)
-            axpy_half(scores[s - lo] / sum, (const uint16_t *)v, o, hs);
-        else
-            axpy(scores[s - lo] / sum, (const float *)v, o, hs);
+    for (int64_t s = lo; s <= pos;) {
+        const int64_t j = s / bs, end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
+        const char *v = vc + table[j] * stride + head + (s - j * bs) * tok;
+        if (end <= pos) prefetch_block(vc + table[j + 1] * stride + head, bs * tok);
+        for (; s < end; s++, v += tok) {
+            if (half)
+                axpy_half(scores[s - lo] / sum, (const uint16_t *)v, o, hs);
+            else
+                axpy(scores[s - lo] / sum, (const float *)v, o, hs);
+        }
     }
-#undef AT
 }
 
 /* Row m: token idx[m] at position pos[m]; its key and value go to the paged cache through its block
