@@ -2,7 +2,7 @@
 
 Both graphs come from `torch.onnx.export` (the dynamo exporter, torch's default since 2.9) tracing a
 small wrapper that computes the GPT forward pass from the model's own weights with explicit tensors:
-a boolean attention mask instead of `KVCache` bookkeeping, and past keys / values as graph inputs.
+a boolean attention mask instead of the inference engine's block tables, and past keys / values as graph inputs.
 `GPT` itself is untouched; tests check the exported logits against it within 1e-4 in fp32.
 
 `model_with_past.onnx`
