@@ -48,6 +48,38 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _host_name(text: str) -> str:
+    """A DNS name a request's Host header may give ('*': any); IP addresses are always accepted."""
+    import re
+
+    label = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
+    if text == "*" or re.fullmatch(rf"{label}(\.{label})*\.?", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected a host name such as example.com (no scheme or port) or '*', got {text!r}"
+    )
+
+
+def _origin(text: str) -> str:
+    """A browser origin, scheme://host[:port] exactly as browsers send it, or '*'."""
+    from urllib.parse import urlsplit
+
+    if text == "*":
+        return text
+    try:
+        parts = urlsplit(text)
+        valid = parts.port is None or parts.port > 0  # .port raises on a port that is no number or too big
+    except ValueError:
+        valid = False
+    valid = valid and parts.scheme in ("http", "https") and bool(parts.hostname)
+    if not valid or text != f"{parts.scheme}://{parts.netloc}":
+        raise argparse.ArgumentTypeError(
+            f"expected an origin such as https://example.com or http://localhost:3000 (no path or trailing "
+            f"slash) or '*', got {text!r}"
+        )
+    return text
+
+
 def _device(text: str) -> str:
     """A torch device string this machine has ('auto' passes through for commands that take it)."""
     if text in ("auto", "cpu"):
@@ -406,11 +438,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from gptlab.serve.connections import ConnectionLimits
+
+    conn = ConnectionLimits()
     p = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server with continuous batching and a playground page",
         description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, "
-        "/v1/models), with /health and a playground page at /. Binds 127.0.0.1 unless --host says otherwise.",
+        "/v1/models), with /health, /metrics (Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host "
+        "says otherwise. Requests must name the server in their Host header (an IP address, localhost, the --host "
+        "name, the machine's names when --host is 0.0.0.0 or ::, or an --allowed-host), so that a web page cannot "
+        "reach it by DNS rebinding; browsers on other origins may call it only with --cors-origin. With an API key, "
+        "/metrics needs it and /health without it says only that the server is up.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="gptlab checkpoint / run dir, or a HF GPT-2 dir")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -430,7 +469,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level (default info); errors are logged with their x-request-id at info (4xx) and error (5xx)",
+    )
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores but one)")
     p.add_argument(
         "--kv-cache-tokens", type=_positive_int, default=None,
@@ -440,6 +482,31 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-prefix-caching", dest="prefix_caching", action="store_false",
         help="do not reuse the cached keys and values of prompts that start alike",
+    )
+    seconds = _positive_float
+    p.add_argument(
+        "--keep-alive-timeout", type=seconds, default=conn.keep_alive_timeout, metavar="SECONDS",
+        help=f"close a keep-alive connection idle this long between requests (default {conn.keep_alive_timeout:g})",
+    )
+    p.add_argument(
+        "--read-timeout", type=seconds, default=conn.read_timeout, metavar="SECONDS",
+        help="a client must send a whole request, headers and body, within SECONDS of its first byte (of "
+        f"connecting, on a new connection), else it gets a 408 and is disconnected (default {conn.read_timeout:g})",
+    )
+    p.add_argument(
+        "--max-connections", type=count, default=conn.max_connections, metavar="N",
+        help=f"open connections; more are answered 503 and closed (default {conn.max_connections}); each "
+        "running or queued request holds one",
+    )
+    p.add_argument(
+        "--allowed-host", type=_host_name, action="append", default=[], metavar="NAME",
+        help="also accept requests whose Host header is NAME (repeatable; '*': any, e.g. behind a proxy "
+        "that checks names itself)",
+    )
+    p.add_argument(
+        "--cors-origin", type=_origin, action="append", default=[], metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. https://app.example.com; '*': any) call the API from a browser "
+        "(repeatable; default: no cross-origin access)",
     )
 
     def run(args: argparse.Namespace) -> int:
@@ -455,6 +522,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             max_concurrent=args.max_concurrent, max_queue=args.max_queue, device=args.device,
             dtype=args.dtype, limits=limits, log_level=args.log_level, threads=args.threads,
             quantize=args.quantize, kv_cache_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching,
+            connections=ConnectionLimits(
+                keep_alive_timeout=args.keep_alive_timeout, read_timeout=args.read_timeout,
+                max_connections=args.max_connections,
+            ),
+            allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
         )
         return 0
 

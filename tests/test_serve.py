@@ -231,7 +231,8 @@ def test_chat_completion_uses_the_chatml_template(client, model, tiny_tokenizer,
 
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
-    health = httpx.get(server[0] + "/health").json()  # no key needed
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}  # no key: up, nothing more
+    health = httpx.get(server[0] + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert health["status"] == "ok" and health["slots"] == 4
 
 

@@ -6,7 +6,7 @@ FastAPI is imported only when an app is built: `pip install 'gptlab[serve]'`.
 
 from __future__ import annotations
 
-__all__ = ["Engine", "ServerLimits", "create_app", "render_chat", "serve"]
+__all__ = ["ConnectionLimits", "Engine", "ServerLimits", "create_app", "render_chat", "serve"]
 
 
 def __getattr__(name: str):
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from gptlab.serve import app
 
         return getattr(app, name)
+    if name == "ConnectionLimits":
+        from gptlab.serve.connections import ConnectionLimits
+
+        return ConnectionLimits
     if name == "ServerLimits":
         from gptlab.serve.handlers import ServerLimits
 

@@ -1,27 +1,43 @@
 """The OpenAI-compatible HTTP server: routes, API key, limits and OpenAI-style errors.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the ChatML template of
-`gptlab.serve.chat`), GET /v1/models, GET /health, and the playground page at GET /.
-Streaming answers are Server-Sent Events in OpenAI's format, ending with `data: [DONE]`.
+`gptlab.serve.chat`), GET /v1/models, GET /health, GET /metrics (Prometheus) and the playground page
+at GET /. Streaming answers are Server-Sent Events in OpenAI's format, ending with `data: [DONE]`.
 
-Safe by default: `serve` binds 127.0.0.1; with an API key every /v1 call needs
-`Authorization: Bearer KEY`; request bodies, prompt tokens, max_tokens, n and the number of prompts
-are capped (`ServerLimits`); every error is `{"error": {"message", "type", "param", "code"}}`.
+Safe by default: `serve` binds 127.0.0.1; with an API key every /v1 call and /metrics need
+`Authorization: Bearer KEY` (and /health without it says only that the server is up); requests must
+name this server in `Host` (`gptlab.serve.guard`: no DNS rebinding), no cross-origin page may read
+answers unless `cors_origins` names it; bodies are `application/json` with finite numbers and valid
+Unicode (`gptlab.serve.body`); request bodies, prompt tokens, max_tokens, n and the number of prompts
+are capped (`ServerLimits`), and so are connections (`ConnectionLimits`: slow clients, idle ones,
+how many); every error is `{"error": {"message", "type", "param", "code"}}` with an `x-request-id`
+header, logged, and leaves a keep-alive connection usable.
 Generation runs in one `Engine` (continuous batching); a client that disconnects is cancelled.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations
 # (`Request`, imported lazily inside create_app) as live objects.
-import hmac
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from gptlab.serve.body import parse_body, validation_error
+from gptlab.serve.connections import ConnectionLimits, uvicorn_options
 from gptlab.serve.engine import Engine
+from gptlab.serve.guard import (
+    REQUEST_ID_HEADER,
+    Guard,
+    HTTPStats,
+    RequestIds,
+    cors_middleware,
+    key_matches,
+    server_names,
+)
 from gptlab.serve.handlers import Handlers, ServerLimits
+from gptlab.serve.metrics import CONTENT_TYPE, prometheus_text
 from gptlab.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, model_card
 
 if TYPE_CHECKING:
@@ -38,9 +54,7 @@ def _import_fastapi():
         import fastapi
         import starlette  # noqa: F401
     except ImportError as e:
-        raise ImportError(
-            f"the server needs FastAPI and uvicorn: pip install 'gptlab[serve]' ({e})"
-        ) from None
+        raise ImportError(f"the server needs FastAPI and uvicorn: pip install 'gptlab[serve]' ({e})") from None
     return fastapi
 
 
@@ -57,12 +71,18 @@ def create_app(
     engine: Engine | None = None,
     kv_cache_tokens: int | None = None,
     prefix_caching: bool = True,
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] = (),
 ) -> "FastAPI":
-    """A FastAPI app serving `model`; its engine thread starts and stops with the app's lifespan."""
+    """A FastAPI app serving `model`; its engine thread starts and stops with the app's lifespan.
+
+    `allowed_hosts`: names a request's `Host` may give besides IP literals and localhost ('*': any).
+    `cors_origins`: origins (`https://example.com`, or '*') whose pages may call the API from a browser.
+    """
     fastapi = _import_fastapi()
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.exceptions import HTTPException
 
     from gptlab.serve.playground import playground_html
@@ -76,6 +96,7 @@ def create_app(
         prefix_caching=prefix_caching,
     )
     server = Handlers(model, tokenizer, engine, model_name, limits or ServerLimits())
+    stats = HTTPStats()
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -87,10 +108,27 @@ def create_app(
 
     app = fastapi.FastAPI(title="gptlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(_Guard, api_key=api_key, max_body=server.limits.max_body_bytes)
+    hosts = frozenset(h.strip().lower().rstrip(".") for h in allowed_hosts)
+    # add_middleware puts each in front of the last: RequestIds -> CORS (if any) -> Guard -> the routes
+    app.add_middleware(Guard, api_key=api_key, max_body=server.limits.max_body_bytes, allowed_hosts=hosts)
+    origins = list(cors_origins)
+    if origins:
+        app.add_middleware(
+            cors_middleware(),
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )
+    app.add_middleware(RequestIds, stats=stats)
+
+    class ErrorResponse(JSONResponse):
+        def render(self, content: Any) -> bytes:
+            return json.dumps(content).encode()  # ASCII: a message may quote any string, surrogates too
 
     def error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(body, status_code=status, headers=headers)
+        return ErrorResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -98,25 +136,26 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(400, _validation_body(exc.errors()))
+        return error(400, validation_error(list(exc.errors())).body())
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error(exc.status_code, error_body(str(exc.detail), kind), getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error(500, error_body(f"internal error: {type(exc).__name__}", "server_error"))
-
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(playground_html(model_name, model.config.n_ctx))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if api_key and not key_matches(request.headers.get("authorization"), api_key):
+            return {"status": "ok"}  # the counters only for those holding the key
         return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:  # the Guard asks for the key
+        return Response(prometheus_text(engine.stats(), stats.responses, model_name), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -128,122 +167,23 @@ def create_app(
         return model_card(model_name, server.created)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    async def completions(request: Request) -> Any:
+        body = parse_body(request.headers.get("content-type"), await request.body(), CompletionRequest)
         return await server.completions(body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def chat_completions(request: Request) -> Any:
+        body = parse_body(request.headers.get("content-type"), await request.body(), ChatCompletionRequest)
         return await server.chat(body, request)
 
     return app
 
 
-def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """One OpenAI error naming the parameter of the first validation error."""
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        why = (first.get("ctx") or {}).get("error", "invalid JSON")
-        return error_body(
-            f"We could not parse the JSON body of your request ({why}); send valid JSON.",
-            "invalid_request_error",
-        )
-    loc = [p for p in first.get("loc", ()) if p != "body"]
-    param = _param(loc)
-    if not param:
-        return error_body(
-            f"the request body must be a JSON object: {first.get('msg')}", "invalid_request_error"
-        )
-    msgs = list(
-        dict.fromkeys(
-            e.get("msg", "") for e in errors if _param([p for p in e["loc"] if p != "body"]) == param
-        )
-    )
-    return error_body(f"Invalid value for '{param}': {' or '.join(msgs)}", "invalid_request_error", param)
-
-
-def _param(loc: list[Any]) -> str:
-    """'messages[0].role' from a pydantic location; union member tags ('str', 'list[int]') are dropped."""
-    out = ""
-    for p in loc:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif (
-            isinstance(p, str)
-            and p.isidentifier()
-            and p not in {"str", "int", "float", "bool", "list", "dict"}
-        ):
-            out += f".{p}" if out else p
-    return out
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _Guard:
-    """ASGI middleware: the API key on /v1 and the body size cap, checked before anything is parsed."""
-
-    def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self.api_key.encode()
-            ):
-                body = error_body(
-                    "Incorrect or missing API key. Send it as the header 'Authorization: Bearer YOUR_KEY'.",
-                    "invalid_request_error",
-                    None,
-                    "invalid_api_key",
-                )
-                return await _send_json(send, 401, body)
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _send_json(send, 413, self._too_large())
-        received, started = 0, False
-
-        async def guarded_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, guarded_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, self._too_large())
-
-    def _too_large(self) -> dict[str, Any]:
-        return error_body(
-            f"request body exceeds {self.max_body} bytes", "invalid_request_error", None, "request_too_large"
-        )
-
-
-async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
-
-
 # ---- serving -------------------------------------------------------------------------------------
 @contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_in_thread(
+    app: Any, host: str = "127.0.0.1", port: int = 0, connections: ConnectionLimits | None = None
+) -> Iterator[str]:
     """Run `app` with uvicorn in a background thread (tests, notebooks, benchmarks); yields its base
     URL (`http://127.0.0.1:PORT`, a free port when port=0) and shuts it down on exit."""
     import socket
@@ -252,13 +192,14 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterato
 
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # proto=IPPROTO_TCP, or asyncio does not set TCP_NODELAY on the accepted connections (it checks the
+    # proto), and each response written in two parts waits for a delayed ACK: 40 ms a request.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="gptlab-uvicorn", daemon=True
-    )
+    options = uvicorn_options(connections or ConnectionLimits())
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gptlab-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -300,9 +241,15 @@ def serve(
     quantize: str | None = None,
     kv_cache_tokens: int | None = None,
     prefix_caching: bool = True,
+    connections: ConnectionLimits | None = None,
+    allowed_hosts: Iterable[str] = (),
+    cors_origins: Iterable[str] = (),
 ) -> None:
     """Load `checkpoint` (and its tokenizer) and serve it with uvicorn until interrupted. On CPU the
-    linear layers run on gptlab's decoding kernels (`generate.prepare_model`; quantize='int8': int8)."""
+    linear layers run on gptlab's decoding kernels (`generate.prepare_model`; quantize='int8': int8).
+
+    `Host` may name the server by IP, localhost, `host` when it is a name, the machine's own names
+    when `host` is a wildcard (0.0.0.0, ::), or any of `allowed_hosts`."""
     _import_fastapi()
     import torch
     import uvicorn
@@ -311,6 +258,14 @@ def serve(
     from gptlab.infer.prepare import prepare_model
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    connections = connections or ConnectionLimits()
+    if not log.handlers and not logging.getLogger().handlers:  # error lines with request ids, beside uvicorn's
+        from uvicorn.logging import DefaultFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s gptlab: %(message)s", use_colors=False))
+        log.addHandler(handler)
+        log.setLevel(getattr(logging, log_level.upper(), logging.DEBUG))  # uvicorn's 'trace': debug
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -339,6 +294,8 @@ def serve(
         limits=limits,
         kv_cache_tokens=kv_cache_tokens,
         prefix_caching=prefix_caching,
+        allowed_hosts=[*server_names(host), *allowed_hosts],
+        cors_origins=cors_origins,
     )
     kv = app.state.server.engine.stats()["kv_cache"]
     print(
@@ -350,4 +307,4 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
     print(f"gptlab: serving {name!r} on http://{host}:{port} (playground at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(connections))

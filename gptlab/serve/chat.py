@@ -11,7 +11,8 @@ OpenAI's ChatML and of most open chat fine-tunes), ending with an open assistant
     <generation goes here>
 
 Every message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; a message's optional `name` is
-appended to the role after a space (`<|im_start|>user alice`), and `developer` messages are rendered
+appended to the role after a space (`<|im_start|>user alice`) and must match OpenAI's rule for names,
+`NAME_PATTERN` (so it cannot carry markers or newlines into the template), and `developer` messages are rendered
 as `system`. The markers are ordinary text, tokenized with the model's own BPE (they are not special
 tokens, so a GPT-2 vocabulary needs no new ids). The reply stops at the first `<|im_end|>` (or the
 end-of-text token), which is not returned.
@@ -22,12 +23,15 @@ A model answers well only if it was fine-tuned on conversations rendered this wa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 STOP = [IM_END]
 """Stop sequences every chat request gets (in addition to its own `stop`)."""
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+"""A message's `name`, as OpenAI's API defines it."""
 
 
 def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
@@ -42,6 +46,8 @@ def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bo
         if role == "developer":
             role = "system"
         name = m.get("name")
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name)):
+            raise ValueError(f"message {i} has name {name!r}; a name is 1-64 letters, digits, '_' or '-'")
         header = f"{role} {name}" if name else role
         out.append(f"{IM_START}{header}\n{content}{IM_END}\n")
     if add_generation_prompt:

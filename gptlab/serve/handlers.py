@@ -286,7 +286,7 @@ class Handlers:
         n = 1 if body.n is None else body.n
         if n > self.max_n:
             raise APIError(400, f"n={n} exceeds this server's limit of {self.max_n}", param="n")
-        return SamplingParams(
+        params = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else float(body.temperature),
             top_p=1.0 if body.top_p is None else float(body.top_p),
@@ -298,7 +298,11 @@ class Handlers:
             n=n,
             seed=body.seed,
             logprobs=logprobs,
-        ).validate()
+        )
+        try:
+            return params.validate()
+        except ValueError as e:  # a combination the request models let through
+            raise APIError(400, str(e)) from None
 
     def _submit(
         self,

@@ -13,9 +13,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, StringConstraints
 
 from gptlab.infer.sampling import MAX_LOGPROBS
+from gptlab.serve.chat import NAME_PATTERN
 
 Float = Annotated[float, Strict()]  # ints are accepted, strings are not
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -127,7 +128,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    name: Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)] | None = None  # no template markers
 
     def text(self) -> str:
         if self.content is None:
