@@ -674,3 +674,51 @@ def test_fuzz_hostile_requests_never_5xx_drop_the_connection_or_change_valid_ans
     assert len(statuses) == count and checked >= len(VALID)
     codes = {s: statuses.count(s) for s in sorted(set(statuses))}
     assert {200, 400, 401, 404, 405, 413, 415} <= set(codes), codes  # the fuzz reached every kind of answer
+
+
+# ---- one request never fails the others ------------------------------------------------------------------
+POISON = [
+    ({"temperature": 1e-300}, 200),
+    ({"temperature": 5e-324}, 200),
+    ({"temperature": 1e-40, "top_p": 1e-300}, 200),
+    ({"temperature": 1e-300, "seed": 3, "n": 2}, 200),
+    ({"repetition_penalty": 1e-300, "temperature": 1}, 400),
+    ({"repetition_penalty": 1e300, "temperature": 1}, 400),
+    ({"temperature": 1e-300, "presence_penalty": 2, "frequency_penalty": -2, "top_k": 1}, 200),
+]
+
+
+def test_poisoned_requests_beside_innocent_ones_change_nothing(server, model, tiny_tokenizer):
+    """Numerically hostile sampling values sent together with ordinary greedy requests, in the same
+    batches: every innocent request gets its text alone, every poisoned one a completion (tiny
+    temperatures are greedy) or a 400 naming the parameter, never a 500 or a broken stream."""
+    prompts = ["The quick brown fox", "def add(a, b):", "Numbers: 3.14", "x"]
+    want = {p: reference(model, tiny_tokenizer, p, 6)[0].text for p in prompts}
+
+    def innocent(prompt: str):
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=60)
+        status, _, data = post(conn, "/v1/completions", {**GOOD, "prompt": prompt})
+        conn.close()
+        return prompt, status, data
+
+    def poisoned(i: int):
+        extra, expected = POISON[i % len(POISON)]
+        conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=60)
+        status, headers, data = post(conn, "/v1/completions", {**GOOD, "max_tokens": 8, **extra})
+        conn.close()
+        return extra, expected, status, headers, data
+
+    with ThreadPoolExecutor(12) as pool:
+        innocents = [pool.submit(innocent, prompts[i % len(prompts)]) for i in range(16)]
+        poisons = [pool.submit(poisoned, i) for i in range(2 * len(POISON))]
+        for future in poisons:
+            extra, expected, status, headers, data = future.result()
+            assert status == expected, (extra, status, data)
+            if status == 400:
+                assert openai_error(status, headers, data)["param"] == "repetition_penalty"
+            else:
+                choices = json.loads(data)["choices"]
+                assert all(c["finish_reason"] == "length" and c["text"] for c in choices), (extra, data)
+        for future in innocents:
+            prompt, status, data = future.result()
+            assert status == 200 and json.loads(data)["choices"][0]["text"] == want[prompt]
