@@ -194,7 +194,7 @@ class Handlers:
         self.check_model(body.model)
         tool_choice = body.tool_mode()
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-        messages = [_message(m) for m in body.messages]
+        messages = [chat_tools.message_dict(m) for m in body.messages]
         if tools:
             messages = chat_tools.with_tools(messages, tools)
         ids = await self._encode(chat_template.render_chat(messages))
@@ -221,7 +221,7 @@ class Handlers:
         choices = []
         for index in range(params.n):
             c = results.finished[index].completion
-            message, finish = _reply(c, calls)
+            message, finish = chat_tools.reply(c, calls)
             choices.append(
                 {
                     "index": index,
@@ -262,7 +262,7 @@ class Handlers:
                 generated += event.generated
                 finish = event.completion.finish_reason
                 if calls:
-                    message, finish = _reply(event.completion, calls)
+                    message, finish = chat_tools.reply(event.completion, calls)
                     lp = None
                     if params.logprobs is not None:
                         lp = chat_logprobs(event.completion.logprobs or [], self.tokenizer.token_bytes)
@@ -404,28 +404,6 @@ class Handlers:
                 job.cancel()  # a no-op once finished; frees the slots when the client went away
 
         return _event_stream(body())
-
-
-def _message(m: Any) -> dict[str, Any]:
-    """A request message as the template's dict: earlier tool calls written into the content."""
-    content = m.text()
-    if m.tool_calls:
-        rendered = chat_tools.render_calls([c.model_dump() for c in m.tool_calls])
-        content = f"{content}\n{rendered}" if content else rendered
-    return {"role": m.role, "content": content, "name": m.name}
-
-
-def _reply(c: Any, calls: bool) -> tuple[dict[str, Any], str]:
-    """The assistant message and finish_reason of a finished completion: its tool calls when it ended
-    as complete calls."""
-    if calls and c.finish_reason == "stop":
-        try:
-            found = chat_tools.parse_calls(c.text)
-        except (ValueError, KeyError, TypeError):  # not calls after all: the text is the answer
-            found = None
-        if found:
-            return {"role": "assistant", "content": None, "tool_calls": found}, "tool_calls"
-    return {"role": "assistant", "content": c.text}, c.finish_reason
 
 
 async def _disconnected(request: Any) -> None:

@@ -2,7 +2,7 @@
 
 Requests are pydantic models with strict types (`"0.5"` is not a temperature), so a wrong type or an
 out-of-range value fails validation with the parameter's name. Fields OpenAI defines but this server
-cannot honour (`suffix`, `tools`, ...) are accepted only at their no-op value and refused
+cannot honour (`suffix`, `best_of` other than n) are accepted only at their no-op value and refused
 otherwise, never silently ignored; unknown fields are refused.
 Responses are plain dicts built by the functions below, in OpenAI's exact field layout.
 """

@@ -108,3 +108,25 @@ def parse_calls(text: str) -> list[dict[str, Any]] | None:
             }
         )
     return calls or None
+
+
+def message_dict(m: Any) -> dict[str, Any]:
+    """A request message as the template's dict: earlier tool calls written into the content."""
+    content = m.text()
+    if m.tool_calls:
+        rendered = render_calls([c.model_dump() for c in m.tool_calls])
+        content = f"{content}\n{rendered}" if content else rendered
+    return {"role": m.role, "content": content, "name": m.name}
+
+
+def reply(c: Any, calls: bool) -> tuple[dict[str, Any], str]:
+    """The assistant message and finish_reason of a finished completion: its tool calls when it ended
+    as complete calls."""
+    if calls and c.finish_reason == "stop":
+        try:
+            found = parse_calls(c.text)
+        except (ValueError, KeyError, TypeError):  # not calls after all: the text is the answer
+            found = None
+        if found:
+            return {"role": "assistant", "content": None, "tool_calls": found}, "tool_calls"
+    return {"role": "assistant", "content": c.text}, c.finish_reason
