@@ -226,3 +226,19 @@ def test_cli_generates_constrained_output(tmp_path, model, gpt2_tokenizer, capsy
     ckpt = save_model(model, tmp_path / "ckpt", gpt2_tokenizer)
     assert main(["generate", str(ckpt), "Colour:", "--regex", "(red|green|blue)!", "--seed", "0"]) == 0
     assert re.fullmatch(r"(red|green|blue)!\n", capsys.readouterr().out)
+
+
+def test_speculative_hook_checks_drafts_and_rolls_back():
+    from gptlab.tokenizer import Tokenizer
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)}, [], {"<|endoftext|>": 256})
+    matcher = TokenMatcher.start(Constraint.regex("[a-z]+!"), tok)
+    assert matcher.accepted_prefix(list(b"ab1!")) == 2  # the state is unchanged by the check
+    for t in b"abc":
+        matcher.consume(t)
+    matcher.rollback(2)
+    assert matcher.accepted_prefix(list(b"!")) == 1 and not matcher.accepting
+    matcher.consume(ord("!"))
+    assert matcher.done and matcher.accepting
+    with pytest.raises(ValueError, match="rejected"):
+        matcher.consume(ord("x"))
