@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import gptlab
 
@@ -78,6 +80,17 @@ def _origin(text: str) -> str:
             f"slash) or '*', got {text!r}"
         )
     return text
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, _, bias = text.partition(":")
+    try:
+        value = int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID:BIAS (like 50256:-100), got {text!r}") from None
+    if value[0] < 0 or not -100 <= value[1] <= 100:
+        raise argparse.ArgumentTypeError(f"ID must be >= 0 and BIAS in [-100, 100], got {text!r}")
+    return value
 
 
 def _device(text: str) -> str:
@@ -372,6 +385,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     option("--n", type=int, default=d["n"], help="completions per prompt")
     option("--seed", type=int, default=None, help="seed for reproducible sampling")
     option("--stop", nargs="+", action="extend", default=[], metavar="S", help="stop sequences")
+    option(
+        "--logit-bias", type=_logit_bias, action="append", default=[], metavar="ID:BIAS",
+        help="add BIAS in [-100, 100] to token ID's logit (OpenAI's logit_bias; -100 bans, 100 forces); repeatable",
+    )
+    shape = p.add_mutually_exclusive_group()  # constrained decoding (needs the `structured` extra)
+    shape.add_argument("--json", action="store_true", help="output is a JSON object")
+    shape.add_argument("--json-schema", metavar="FILE", help="output is JSON valid under this JSON Schema file")
+    shape.add_argument("--regex", metavar="RE", help="output fully matches this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", help="output is a sentence of this Lark or GBNF grammar")
     option("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and activations")
     option("--quantize", choices=["int8"], default=None, help="int8 linear layers (CPU)")
     option("--no-truncate", action="store_true", help="error on prompts too long for the context")
@@ -389,6 +411,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, n=args.n,
             num_beams=args.beams, length_penalty=args.length_penalty, stop=args.stop, seed=args.seed,
+            logit_bias=dict(args.logit_bias), constraint=_constraint(args),
         ).validate()
         model, tokenizer = load_for_generation(
             args.checkpoint, dtype=args.dtype, quantize=args.quantize, device=args.device,
@@ -400,6 +423,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         )
 
     p.set_defaults(func=run)
+
+
+def _constraint(args: argparse.Namespace) -> Any:
+    from gptlab.infer.constrain import Constraint
+
+    if args.json:
+        return Constraint.json()
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    for flag, file, make in (("--json-schema", args.json_schema, Constraint.json_schema),
+                             ("--grammar", args.grammar, Constraint.grammar)):  # fmt: skip
+        if file is not None:
+            try:
+                return make(Path(file).read_text(encoding="utf-8"))
+            except OSError as e:
+                raise CLIError(f"{flag}: cannot read {file}: {e.strerror}") from None
+    return None
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

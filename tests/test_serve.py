@@ -5,6 +5,7 @@ no-cache forward pass."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -258,7 +259,10 @@ def test_wrong_or_missing_key_gets_401_in_openai_format(server):
         (dict(logprobs=50), "logprobs"),
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
         (dict(extra_body={"bogus": 1}), "bogus"),
-        (dict(extra_body={"logit_bias": {"5": 3}}), "logit_bias"),
+        (dict(extra_body={"logit_bias": {"5": 300}}), "logit_bias"),
+        (dict(extra_body={"logit_bias": {"x": 3}}), "logit_bias"),
+        (dict(extra_body={"logit_bias": {"99999": 3}}), "logit_bias"),
+        (dict(extra_body={"logit_bias": {"5": "3"}}), "logit_bias"),
         (dict(prompt=[1, 2, 99999]), "prompt"),
         (dict(prompt="word " * 200), "prompt"),
         (dict(model="gpt-4"), "model"),
@@ -270,6 +274,124 @@ def test_bad_parameters_get_openai_errors_naming_the_parameter(client, kwargs, p
         client.completions.create(**kwargs)
     assert e.value.status_code in (400, 404, 422), e.value
     assert e.value.body["param"] == param and e.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "bias, words", [({"-3": 1}, "'-3'"), ({"7": 100.5}, "logit_bias['7']"), ({"1e3": 1}, "'1e3'")]
+)
+def test_bad_logit_bias_names_the_key(client, bias, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="hi", max_tokens=2, logit_bias=bias)
+    assert e.value.body["param"] == "logit_bias" and words in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], logit_bias=bias)
+    assert e.value.body["param"] == "logit_bias" and words in e.value.body["message"]
+
+
+def test_logit_bias_bans_and_forces_greedy_tokens(client, model, tiny_tokenizer, engine):
+    prompt = PROMPTS[0]
+    ref = reference(model, tiny_tokenizer, prompt, 8)[0]
+    banned = {str(t): -100 for t in ref.token_ids}
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logit_bias=banned)
+    want = reference(model, tiny_tokenizer, prompt, 8, logit_bias={int(t): -100 for t in banned})[0]
+    assert r.choices[0].text == want.text and not set(want.token_ids) & set(ref.token_ids)
+    forced = tiny_tokenizer.encode(" fox")[-1]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, logit_bias={str(forced): 100}, seed=1)
+    assert r.choices[0].text == tiny_tokenizer.decode([forced] * 5)
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logit_bias={str(forced): 100}
+    )
+    assert chat.choices[0].message.content == tiny_tokenizer.decode([forced] * 4)
+
+
+# ---- response_format (constrained decoding) -----------------------------------------------------------
+try:
+    import jsonschema
+    import llguidance  # noqa: F401
+except ImportError:
+    jsonschema = None
+needs_structured = pytest.mark.skipif(
+    jsonschema is None, reason="response_format needs llguidance (gptlab[structured]) and jsonschema (dev)"
+)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+    },
+    "required": ["color", "count", "tags"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+CHAT = [{"role": "user", "content": "Describe a thing as JSON."}]
+
+
+@needs_structured
+def test_chat_json_schema_outputs_validate(client, engine):
+    r = client.chat.completions.create(
+        model=NAME, messages=CHAT, n=4, temperature=1, seed=3, max_tokens=60, response_format=JSON_SCHEMA_FORMAT
+    )
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    stream = client.chat.completions.create(
+        model=NAME, messages=CHAT, temperature=1, seed=4, max_tokens=60, response_format=JSON_SCHEMA_FORMAT,
+        stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@needs_structured
+def test_json_object_and_the_completions_extensions(client, engine):
+    r = client.chat.completions.create(
+        model=NAME, messages=CHAT, n=4, temperature=1, seed=5, max_tokens=40,
+        response_format={"type": "json_object"},
+    )
+    for choice in r.choices:
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.message.content), dict)
+        else:
+            assert choice.finish_reason == "length" and r.usage.completion_tokens > 0
+    pattern = r"[0-9]{2}-[a-z]{3}"
+    r = client.completions.create(
+        model=NAME, prompt="id:", n=4, temperature=1, seed=6, max_tokens=20,
+        extra_body={"response_format": {"type": "regex", "pattern": pattern}},
+    )
+    assert all(c.finish_reason == "stop" and re.fullmatch(pattern, c.text) for c in r.choices)
+    r = client.completions.create(
+        model=NAME, prompt="id:", max_tokens=3, extra_body={"response_format": JSON_SCHEMA_FORMAT}
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    grammar = 'start: ("yes" | "no") "!"'
+    r = client.completions.create(
+        model=NAME, prompt="ok?", max_tokens=10, temperature=1, n=4, seed=7,
+        extra_body={"response_format": {"type": "grammar", "grammar": grammar}},
+    )
+    assert all(c.text in ("yes!", "no!") and c.finish_reason == "stop" for c in r.choices)
+
+
+@needs_structured
+@pytest.mark.parametrize(
+    "fmt, words",
+    [
+        ({"type": "xml"}, "type must be one of"),
+        ({"type": "json_schema"}, "takes the field(s)"),
+        ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, "json_schema.name"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}, "response_format"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "JSON Schema object"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}, "strict"),
+        ({"type": "regex", "pattern": "(unclosed"}, "invalid regex"),
+        ({"type": "grammar", "grammar": "start: nowhere"}, "invalid grammar"),
+    ],
+)
+def test_bad_response_format_is_a_400(client, fmt, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=4, response_format=fmt)
+    assert e.value.body["param"] == "response_format" and words in e.value.body["message"]
 
 
 def test_malformed_json_oversized_body_and_bad_chat_role(server):

@@ -475,11 +475,11 @@ def test_serve_flags_reach_the_server(monkeypatch):
 COMPLETION_FIELDS = [
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "stream_options", "seed",
     "presence_penalty", "frequency_penalty", "user", "logit_bias", "top_k", "min_p", "repetition_penalty",
-    "logprobs", "echo", "best_of", "suffix",
+    "logprobs", "echo", "best_of", "suffix", "response_format",
 ]  # fmt: skip
 CHAT_FIELDS = [
     *[f for f in COMPLETION_FIELDS if f not in ("prompt", "echo", "best_of", "suffix")],
-    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format",
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
 ]  # fmt: skip
 BIG_LITERALS = ["1e999", "-1e999", "NaN", "Infinity", "-Infinity", "9" * 5000, "1e-400", "-0", "1.0e+308"]
 

@@ -1,6 +1,7 @@
 """All of inference: the paged KV cache (`cache`), the cached forward step (`step`) and its CPU fast path
 (`cpu`), the engine that owns them (`engine`), rows and sampling (`rows`, `sampling`), beam search,
-the generation API (`generate`), and model preparation (`prepare`, `quantize`).
+constrained decoding (`constrain`), the generation API (`generate`), and model preparation (`prepare`,
+`quantize`).
 
 Imported lazily: `import gptlab.infer` loads nothing heavy until a name is used.
 """
@@ -17,6 +18,7 @@ _EXPORTS = {
     "Completion": "gptlab.infer.rows",
     "TokenLogprob": "gptlab.infer.rows",
     "SamplingParams": "gptlab.infer.sampling",
+    "Constraint": "gptlab.infer.constrain",
     "InferenceEngine": "gptlab.infer.engine",
     "KVPool": "gptlab.infer.cache",
     "prepare_model": "gptlab.infer.prepare",

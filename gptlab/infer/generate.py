@@ -56,11 +56,20 @@ def _encode_prompts(tokenizer: TextTokenizer, prompts: str | Sequence[str]) -> l
     return [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
 
 
-def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+def _params(params: SamplingParams | None, overrides: dict[str, Any], model: GPT) -> SamplingParams:
     params = params if params is not None else SamplingParams()
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    return params.updated(**overrides)
+    params = params.updated(**overrides)
+    check_vocab(params, model.config.vocab_size)
+    return params
+
+
+def check_vocab(params: SamplingParams, vocab: int) -> None:
+    """Raise ValueError for a logit_bias token id outside the model's vocabulary (before any work)."""
+    outside = [t for t in params.logit_bias if t >= vocab]
+    if outside:
+        raise ValueError(f"logit_bias names token id {outside[0]}, outside the vocabulary of {vocab} tokens")
 
 
 def engine_for(
@@ -161,7 +170,7 @@ def generate(
     `InferenceEngine` of `model` to run on (its prefix cache kept across calls); by default one sized
     for this call.
     """
-    params = _params(params, kwargs)
+    params = _params(params, kwargs, model)
     ids = fit_prompts(_encode_prompts(tokenizer, prompts), model.config.n_ctx, params.max_new_tokens, truncate)
     engine = _engine(model, engine, ids, params, compile)
     with _EvalMode(model):
@@ -189,7 +198,7 @@ def stream(
 ) -> Iterator[str]:
     """Text deltas of one completion as tokens are generated; never splits a UTF-8 character, and
     holds back text that might still be the start of a stop sequence."""
-    params = _params(params, kwargs)
+    params = _params(params, kwargs, model)
     if not isinstance(prompt, str):
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}")
     if params.n != 1 or params.num_beams != 1:
@@ -234,7 +243,7 @@ def generate_ids(
 
     Stop strings and logprobs need a tokenizer: use `generate`. An empty prompt needs `eos_id`.
     """
-    params = _params(params, kwargs)
+    params = _params(params, kwargs, model)
     if params.stop:
         raise ValueError("stop strings need a tokenizer; use generate() or stop on eos_id")
     prompts = [list(map(int, p)) for p in prompts]
@@ -290,6 +299,7 @@ def run_generate(
 
     out = out or sys.stdout
     params.validate()
+    check_vocab(params, model.config.vocab_size)
     rows = max(params.n, params.num_beams)
     n_ctx = model.config.n_ctx
     engine = InferenceEngine(model, kv_cache_tokens=(rows + 1) * (n_ctx + 2 * BLOCK_SIZE), compile=compile)

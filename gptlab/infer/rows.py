@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gptlab.infer.cache import Sequence as CacheSequence
+from gptlab.infer.constrain import TokenMatcher, mask_logits
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.sampling import SamplingParams, make_generator, process_logits, sample_next, top_logprobs
 
@@ -113,6 +114,8 @@ class Row:
     tracker: TextTracker | None = None
     generator: torch.Generator | None = None
     seq: CacheSequence | None = None
+    matcher: TokenMatcher | None = None
+    """Where the row is in its constraint's grammar (None: unconstrained)."""
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
@@ -149,8 +152,14 @@ def make_rows(
     stops: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Row]:
-    """`params.n` rows per prompt, in order; each sample with its own generator stream."""
+    """`params.n` rows per prompt, in order; each sample with its own generator stream (and, under a
+    constraint, its own grammar state)."""
     stops = params.stop if stops is None else stops
+    start_state = None
+    if params.constraint is not None:
+        if tokenizer is None:
+            raise ValueError("constrained decoding needs a tokenizer: use generate(), not generate_ids()")
+        start_state = TokenMatcher.start(params.constraint, tokenizer)
     return [
         Row(
             prompt=list(p),
@@ -160,6 +169,7 @@ def make_rows(
             tracker=TextTracker(tokenizer, stops) if tokenizer is not None else None,
             generator=make_generator(params.seed, j, device),
             logprobs=[] if params.logprobs is not None else None,
+            matcher=start_state.fork() if start_state is not None else None,
         )
         for i, p in enumerate(prompts)
         for j in range(params.n)
@@ -194,10 +204,14 @@ def advance(rows: Sequence[Row], logits: Tensor, eos_id: int | None, n_ctx: int)
     """Choose, record and check the next token of every row from its logits (B, V): the one sampling
     step of every decoding path. A row finishes on `eos_id`, a stop sequence, its token limit or the
     context's end; a row whose logits cannot be sampled fails alone. Unfinished rows get the token
-    appended to their sequence, ready for the engine's next forward. Returns the chosen tokens."""
+    appended to their sequence, ready for the engine's next forward. A constrained row samples only
+    among the tokens its grammar allows, and finishes when the grammar is complete. Returns the chosen
+    tokens. (Speculative decoding verifies a draft per position with the same mask: `TokenMatcher`.)"""
     params = [r.params for r in rows]
     prompts = [r.prompt for r in rows] if any(p.repetition_penalty != 1 for p in params) else None
-    processed = process_logits(logits, [r.ids for r in rows], params, prompts)
+    matchers = [r.matcher for r in rows]
+    allowed_logits = mask_logits(logits, matchers) if any(m is not None for m in matchers) else logits
+    processed = process_logits(allowed_logits, [r.ids for r in rows], params, prompts)
     # A row whose logits are NaN or +inf anywhere, or -inf everywhere, cannot be sampled: it fails here,
     # and a stand-in row keeps the batch's draw valid for every other row. Its maximum says all three
     # in one pass (amax propagates NaN).
@@ -212,7 +226,11 @@ def advance(rows: Sequence[Row], logits: Tensor, eos_id: int | None, n_ctx: int)
         lp, top_v, top_i = (t.tolist() for t in top_logprobs(logits, chosen, max(want)))
     tokens = chosen.tolist()
     for b in failed:
-        rows[b].fail("the model's next-token scores are not finite numbers (NaN or infinite)")
+        matcher = rows[b].matcher
+        if matcher is not None and matcher.error is not None:
+            rows[b].fail(f"constrained decoding failed: {matcher.error}")
+        else:
+            rows[b].fail("the model's next-token scores are not finite numbers (NaN or infinite)")
     for b, (row, token) in enumerate(zip(rows, tokens, strict=True)):
         if row.done:
             continue
@@ -229,12 +247,16 @@ def _record(row: Row, token: int, eos_id: int | None, n_ctx: int, lp: tuple | No
         row.finish_reason = "stop"
         return
     row.ids.append(token)
+    if row.matcher is not None:
+        row.matcher.consume(token)
     if row.logprobs is not None and lp is not None:
         decode = row.tracker.tokenizer.decode if row.tracker is not None else str
         k = row.params.logprobs or 0
         top = [(decode([i]), v) for i, v in zip(lp[2][:k], lp[1][:k], strict=True)]
         row.logprobs.append(TokenLogprob(decode([token]), token, lp[0], top))
     if row.tracker is not None and row.tracker.push(token):
+        row.finish_reason = "stop"
+    elif row.matcher is not None and row.matcher.done:  # the structure is complete
         row.finish_reason = "stop"
     elif len(row.ids) >= row.params.max_new_tokens or len(row.prompt) + len(row.ids) >= n_ctx:
         row.finish_reason = "length"

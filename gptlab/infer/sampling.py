@@ -9,6 +9,8 @@ Semantics follow the references users compare against:
   (prompt included) are divided by the penalty when positive, multiplied when negative.
 - presence_penalty / frequency_penalty: OpenAI: `logit -= presence * (count > 0) + frequency * count`
   over the generated tokens only.
+- logit_bias: OpenAI: `logit += bias[token]` (bias in [-100, 100]; -100 effectively bans a token, 100
+  effectively forces it), after the penalties and before temperature, so a greedy row sees it too.
 - temperature, then top-k, top-p (nucleus, Holtzman et al. 2019), then min-p, in Hugging Face's order.
 """
 
@@ -22,9 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gptlab.infer.constrain import Constraint
+
 MAX_LOGPROBS = 20  # OpenAI's limit on `top_logprobs`
 GREEDY_BELOW = 1e-5
 """Temperatures below this are greedy (vLLM's rule): dividing logits by 1e-300 overflows to inf."""
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's range
 PENALTY_RANGE = (0.01, 100.0)
 """Repetition penalties outside this range would scale logits past what float32 softmax handles."""
 
@@ -61,6 +66,10 @@ class SamplingParams:
     """Seed of a private random generator: the same seed gives the same tokens."""
     logprobs: int | None = None
     """Return each token's log-probability with this many top alternatives (0: the token's own only)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """OpenAI's logit_bias: token id -> a number in [-100, 100] added to that token's logit."""
+    constraint: Constraint | None = None
+    """Output must match this JSON Schema / regex / grammar (`gptlab.infer.constrain`; sampling only)."""
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the first invalid field; returns self for chaining."""
@@ -108,6 +117,27 @@ class SamplingParams:
             raise bad("seed", "an integer or None")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise bad("constraint", "a gptlab.infer.constrain.Constraint or None")
+            self.constraint.validate()
+            if self.num_beams > 1:
+                raise ValueError(
+                    "constrained decoding is not available with beam search (num_beams > 1): "
+                    "sample, or decode greedily (temperature 0), under the constraint"
+                )
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"SamplingParams.logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+        lo, hi = LOGIT_BIAS_RANGE
+        for token, bias in self.logit_bias.items():
+            if not is_int(token) or token < 0:
+                raise ValueError(f"SamplingParams.logit_bias: key {token!r} is not a token id (an integer >= 0)")
+            if not is_num(bias) or not lo <= bias <= hi:
+                raise ValueError(
+                    f"SamplingParams.logit_bias[{token}] must be a number in [{lo:g}, {hi:g}], got {bias!r}"
+                )
         return self
 
     @property
@@ -186,9 +216,25 @@ def process_logits(
         presence = _column([p.presence_penalty for p in rows], logits)
         frequency = _column([p.frequency_penalty for p in rows], logits)
         logits = logits - (counts > 0).to(logits.dtype) * presence - counts * frequency
+    if any(p.logit_bias for p in rows):
+        logits = logits + logit_bias_rows(rows, V, logits.device)
     if warp:
         logits = _warp(logits, rows)
     return logits
+
+
+def logit_bias_rows(params: Sequence[SamplingParams], vocab: int, device: torch.device | str = "cpu") -> Tensor:
+    """(B, V) float32 of each row's `logit_bias` (zeros elsewhere); raises ValueError for an id outside
+    the vocabulary."""
+    bias = torch.zeros(len(params), vocab, dtype=torch.float32)
+    for b, p in enumerate(params):
+        if not p.logit_bias:
+            continue
+        ids = list(p.logit_bias)
+        if max(ids) >= vocab:
+            raise ValueError(f"logit_bias names token id {max(ids)}, outside the vocabulary of {vocab} tokens")
+        bias[b, ids] = torch.tensor([float(p.logit_bias[i]) for i in ids])
+    return bias.to(device)
 
 
 def _warp(logits: Tensor, rows: list[SamplingParams]) -> Tensor:

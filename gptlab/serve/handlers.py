@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from gptlab.infer.constrain import Constraint, compile_check
 from gptlab.infer.sampling import SamplingParams
 from gptlab.serve import chat as chat_template
+from gptlab.serve import tools as chat_tools
 from gptlab.serve.engine import Engine
 from gptlab.serve.jobs import Delta, EngineError, Finished, Job, PromptLogprobs, QueueFull
 from gptlab.serve.protocol import (
@@ -76,7 +78,7 @@ class Handlers:
         prompts, texts = await self._completion_prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         self._check_lengths(prompts, max_tokens, "prompt")
-        params = self._params(body, max_tokens, body.logprobs)
+        params = await self._constrained(self._params(body, max_tokens, body.logprobs), body.constraint())
         echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         job = self._submit(prompts, params, body.stops(), echo_logprobs, bool(body.stream))
         meta = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": self.model_name}
@@ -190,7 +192,11 @@ class Handlers:
     async def chat(self, body: ChatCompletionRequest, request: Any) -> Any:
         body.check_supported()
         self.check_model(body.model)
-        messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
+        tool_choice = body.tool_mode()
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        messages = [chat_tools.message_dict(m) for m in body.messages]
+        if tools:
+            messages = chat_tools.with_tools(messages, tools)
         ids = await self._encode(chat_template.render_chat(messages))
         max_tokens = body.max_completion_tokens or body.max_tokens
         if len(ids) > self.max_prompt_tokens:
@@ -199,32 +205,41 @@ class Handlers:
             max_tokens = min(self.max_tokens, max(self.n_ctx - len(ids), 1))
         self._check_lengths([ids], max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        calls = bool(tools) and tool_choice != "none"
+        if calls:
+            constraint = chat_tools.tool_constraint(tools, tool_choice, body.parallel_tool_calls is not False)
+        else:
+            constraint = body.constraint()
         params = self._params(body, max_tokens, logprobs)
+        params = await self._constrained(params, constraint, "tools" if calls else "response_format")
         job = self._submit([ids], params, body.stops() + chat_template.STOP, None, bool(body.stream))
         meta = {"id": new_id("chatcmpl"), "created": now(), "model": self.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(job, self._chat_chunks(job, meta, len(ids), params, include_usage))
+            return self._sse(job, self._chat_chunks(job, meta, len(ids), params, include_usage, calls))
         results = await self._collect(job, request)
         choices = []
         for index in range(params.n):
             c = results.finished[index].completion
+            message, finish = chat_tools.reply(c, calls)
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": chat_logprobs(c.logprobs or [], self.tokenizer.token_bytes)
                     if logprobs is not None
                     else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish,
                 }
             )
         generated = sum(f.generated for f in results.finished.values())
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), generated)}
 
     async def _chat_chunks(
-        self, job: Job, meta: dict, prompt_tokens: int, params: SamplingParams, include_usage: bool
+        self, job: Job, meta: dict, prompt_tokens: int, params: SamplingParams, include_usage: bool, calls: bool
     ) -> AsyncIterator[dict]:
+        """Chat chunks; a reply that may be tool calls is sent whole when it finishes (a call's text
+        cannot be told from content before then)."""
         meta = {**meta, "object": "chat.completion.chunk"}
 
         def chunk(index: int, delta: dict, logprobs: Any = None, finish: str | None = None) -> dict:
@@ -238,14 +253,25 @@ class Handlers:
             yield chunk(index, {"role": "assistant", "content": ""})
         generated = 0
         async for event in job.events():
-            if isinstance(event, Delta):
+            if isinstance(event, Delta) and not calls:
                 lp = None
                 if params.logprobs is not None:
                     lp = chat_logprobs(event.logprobs, self.tokenizer.token_bytes)
                 yield chunk(event.index, {"content": event.text}, lp)
             elif isinstance(event, Finished):
                 generated += event.generated
-                yield chunk(event.index, {}, None, event.completion.finish_reason)
+                finish = event.completion.finish_reason
+                if calls:
+                    message, finish = chat_tools.reply(event.completion, calls)
+                    lp = None
+                    if params.logprobs is not None:
+                        lp = chat_logprobs(event.completion.logprobs or [], self.tokenizer.token_bytes)
+                    if message.get("tool_calls"):
+                        delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
+                        yield chunk(event.index, delta, lp)
+                    elif message["content"]:
+                        yield chunk(event.index, {"content": message["content"]}, lp)
+                yield chunk(event.index, {}, None, finish)
         if include_usage:
             yield {**meta, "choices": [], "usage": usage(prompt_tokens, generated)}
 
@@ -298,11 +324,25 @@ class Handlers:
             n=n,
             seed=body.seed,
             logprobs=logprobs,
+            logit_bias=body.logit_biases(self.vocab),
         )
         try:
             return params.validate()
         except ValueError as e:  # a combination the request models let through
             raise APIError(400, str(e)) from None
+
+    async def _constrained(
+        self, params: SamplingParams, constraint: Constraint | None, param: str = "response_format"
+    ) -> SamplingParams:
+        """`params` with a constraint (response_format, or tool calls), compiled now (off the event
+        loop) so an invalid schema, regex or grammar is a 400 before anything is queued."""
+        if constraint is None:
+            return params
+        try:
+            await asyncio.to_thread(compile_check, constraint, self.tokenizer)
+        except (ValueError, ImportError) as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        return params.updated(constraint=constraint)
 
     def _submit(
         self,

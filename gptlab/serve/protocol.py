@@ -2,20 +2,22 @@
 
 Requests are pydantic models with strict types (`"0.5"` is not a temperature), so a wrong type or an
 out-of-range value fails validation with the parameter's name. Fields OpenAI defines but this server
-cannot honour (`logit_bias`, `suffix`, `tools`, ...) are accepted only at their no-op value and refused
+cannot honour (`suffix`, `best_of` other than n) are accepted only at their no-op value and refused
 otherwise, never silently ignored; unknown fields are refused.
 Responses are plain dicts built by the functions below, in OpenAI's exact field layout.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, StringConstraints
 
-from gptlab.infer.sampling import MAX_LOGPROBS
+from gptlab.infer.constrain import Constraint
+from gptlab.infer.sampling import LOGIT_BIAS_RANGE, MAX_LOGPROBS
 from gptlab.serve.chat import NAME_PATTERN
 
 Float = Annotated[float, Strict()]  # ints are accepted, strings are not
@@ -83,6 +85,7 @@ class _SamplingFields(_Request):
     top_k: StrictInt | None = Field(None, ge=0)
     min_p: Float | None = Field(None, ge=0, le=1)
     repetition_penalty: Float | None = Field(None, ge=0.01, le=100)
+    response_format: dict[str, Any] | None = None
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -92,11 +95,73 @@ class _SamplingFields(_Request):
             raise APIError(400, "stop sequences must be non-empty strings", param="stop")
         return stop
 
-    def _refused(self) -> dict[str, str]:
-        refused = {}
-        if self.logit_bias:
-            refused["logit_bias"] = "send null or {}"
-        return refused
+    def logit_biases(self, vocab: int) -> dict[int, float]:
+        """`logit_bias` as token id -> bias; a 400 naming the first key that is not a token id of the
+        vocabulary or whose value is not a number in [-100, 100]."""
+        lo, hi = LOGIT_BIAS_RANGE
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) < 10 else -1
+            if not 0 <= token < vocab:
+                raise APIError(
+                    400,
+                    f"logit_bias key {key!r} is not a token id of this model's vocabulary [0, {vocab})",
+                    param="logit_bias",
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise APIError(
+                    400,
+                    f"logit_bias[{key!r}] is {value!r}; a bias must be a number in [{lo:g}, {hi:g}]",
+                    param="logit_bias",
+                )
+            out[token] = float(value)
+        return out
+
+    def constraint(self) -> Constraint | None:
+        """`response_format` as a Constraint (None for text): OpenAI's `{"type": "json_object"}` and
+        `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`, and two
+        gptlab extensions, `{"type": "regex", "pattern": RE}` and `{"type": "grammar", "grammar": LARK_OR_GBNF}`.
+        A malformed one is a 400 naming response_format."""
+        fmt = self.response_format
+        if fmt is None:
+            return None
+
+        def bad(message: str) -> APIError:
+            return APIError(400, f"response_format: {message}", param="response_format")
+
+        kind = fmt.get("type")
+        expected = {"text": set(), "json_object": set(), "json_schema": {"json_schema"}, "regex": {"pattern"},
+                    "grammar": {"grammar"}}  # fmt: skip
+        if not isinstance(kind, str) or kind not in expected:
+            raise bad(f"type must be one of {sorted(expected)}, got {kind!r}")
+        extra = sorted(set(fmt) - {"type"} - expected[kind])
+        missing = sorted(expected[kind] - set(fmt))
+        if extra or missing:
+            raise bad(f"type {kind!r} takes the field(s) {sorted(expected[kind])}; got {sorted(fmt)}")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Constraint.json()
+        if kind in ("regex", "grammar"):
+            text = fmt[next(iter(expected[kind]))]
+            if not isinstance(text, str) or not text:
+                raise bad(f"a {kind} response_format needs a non-empty string")
+            return Constraint(kind, text)
+        spec = fmt["json_schema"]
+        if not isinstance(spec, dict):
+            raise bad("json_schema must be an object with 'name' and 'schema'")
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise bad(f"unknown json_schema field(s) {unknown}; expected name, schema, strict, description")
+        name = spec.get("name")
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            raise bad(f"json_schema.name must be 1-64 letters, digits, '_' or '-', got {name!r}")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise bad(f"json_schema.strict must be a boolean, got {spec['strict']!r}")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise bad(f"json_schema.schema must be a JSON Schema object, got {type(schema).__name__}")
+        return Constraint.json_schema(schema)
 
 
 class CompletionRequest(_SamplingFields):
@@ -124,11 +189,58 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+Name = Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)]  # OpenAI's rule: no template markers
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Name
+    arguments: StrictStr
+
+
+class ToolCall(BaseModel):
+    """A call in an earlier assistant message."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Name
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
-    name: Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)] | None = None  # no template markers
+    name: Name | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's calls."""
+    tool_call_id: StrictStr | None = None
+    """A tool message: the call it answers."""
 
     def text(self) -> str:
         if self.content is None:
@@ -146,18 +258,33 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+    def tool_mode(self) -> Any:
+        """The effective tool_choice ("none" without tools, "auto" by default with them), after the
+        checks OpenAI makes: a 400 naming tools or tool_choice."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools: send the functions in tools", param="tool_choice")
+            return "none"
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise APIError(400, f"tools holds duplicate function names: {names}", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise APIError(
+                400,
+                f"tool_choice names the function {self.tool_choice.function.name!r}, which is not in tools {names}",
+                param="tool_choice",
+            )
+        choice = self.tool_choice if self.tool_choice is not None else "auto"
+        if choice != "none" and self.response_format and self.response_format.get("type") != "text":
+            raise APIError(400, "response_format cannot be combined with tool calls", param="response_format")
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
 
     def _refused(self) -> dict[str, str]:
         refused = super()._refused()
-        if self.tools:
-            refused["tools"] = "function calling is not available; send null"
-        if self.tool_choice not in (None, "none"):
-            refused["tool_choice"] = "function calling is not available; send null"
-        if self.response_format and self.response_format.get("type") != "text":
-            refused["response_format"] = "only {'type': 'text'} is available"
         if self.top_logprobs is not None and not self.logprobs:
             refused["top_logprobs"] = "set logprobs to true to use top_logprobs"
         return refused
