@@ -546,12 +546,13 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
 
     save_model(copy.deepcopy(model), tmp_path / "ckpt", tiny_tokenizer)
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
     threads = torch.get_num_threads()
     try:
-        serve(tmp_path / "ckpt", threads=threads, quantize=None)
+        serve(tmp_path / "ckpt", port=0, threads=threads, quantize=None)
     finally:
         torch.set_num_threads(threads)
+        monkeypatch.undo()
     app = served["app"]
     kinds = {type(m).__name__ for m in app.state.server.engine.model.modules()}
     assert ("KernelLinear" in kinds) == cpu_kernels.available()
@@ -560,7 +561,7 @@ def test_serve_command_runs_cpu_models_on_decoding_kernels(tmp_path, monkeypatch
         r = client.completions.create(model="ckpt", prompt=PROMPTS[1], max_tokens=10, temperature=0)
     assert r.choices[0].text == reference(model, tiny_tokenizer, PROMPTS[1], 10)[0].text
     with pytest.raises(ValueError, match="runs on CPU"):
-        serve(tmp_path / "ckpt", device="meta", quantize="int8")
+        serve(tmp_path / "ckpt", port=0, device="meta", quantize="int8")
 
 
 @pytest.mark.parametrize("lengths", [[3, 17, 9], [5, 1, 30, 12, 7, 9, 2, 16, 11, 4, 8]])

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP server: routes, API key, limits and OpenAI-style errors.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the ChatML template of
-`gptlab.serve.chat`), GET /v1/models, GET /health, GET /metrics (Prometheus) and the playground page
-at GET /. Streaming answers are Server-Sent Events in OpenAI's format, ending with `data: [DONE]`.
+`gptlab.serve.chat`), GET /v1/models, POST /tokenize and /detokenize (vLLM's and llama.cpp's names),
+GET /health, GET /metrics (Prometheus) and the playground page at GET /. Streaming answers are
+Server-Sent Events in OpenAI's format, ending with `data: [DONE]`.
 
-Safe by default: `serve` binds 127.0.0.1; with an API key every /v1 call and /metrics need
-`Authorization: Bearer KEY` (and /health without it says only that the server is up); requests must
+Safe by default: `serve` binds 127.0.0.1; with an API key every /v1 call, /tokenize, /detokenize and
+/metrics need `Authorization: Bearer KEY` (and /health without it says only that the server is up); requests must
 name this server in `Host` (`gptlab.serve.guard`: no DNS rebinding), no cross-origin page may read
 answers unless `cors_origins` names it; bodies are `application/json` with finite numbers and valid
 Unicode (`gptlab.serve.body`); request bodies, prompt tokens, max_tokens, n and the number of prompts
@@ -17,9 +18,11 @@ Generation runs in one `Engine` (continuous batching); a client that disconnects
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations
 # (`Request`, imported lazily inside create_app) as live objects.
+import errno
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -38,7 +41,14 @@ from gptlab.serve.guard import (
 )
 from gptlab.serve.handlers import Handlers, ServerLimits
 from gptlab.serve.metrics import CONTENT_TYPE, prometheus_text
-from gptlab.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, model_card
+from gptlab.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -159,12 +169,22 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(model_name, server.created)]}
+        return {"object": "list", "data": [server.model_card()]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str) -> dict[str, Any]:
         server.check_model(name)
-        return model_card(model_name, server.created)
+        return server.model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = parse_body(request.headers.get("content-type"), await request.body(), TokenizeRequest)
+        return await server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = parse_body(request.headers.get("content-type"), await request.body(), DetokenizeRequest)
+        return server.detokenize(body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -186,17 +206,12 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run `app` with uvicorn in a background thread (tests, notebooks, benchmarks); yields its base
     URL (`http://127.0.0.1:PORT`, a free port when port=0) and shuts it down on exit."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
-    # proto=IPPROTO_TCP, or asyncio does not set TCP_NODELAY on the accepted connections (it checks the
-    # proto), and each response written in two parts waits for a delayed ACK: 40 ms a request.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_socket(host, port)
     options = uvicorn_options(connections or ConnectionLimits())
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gptlab-uvicorn", daemon=True)
@@ -214,6 +229,30 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to (host, port), or a ValueError saying why not in one line
+    (a busy port above all), before anything is loaded or announced."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP, or asyncio does not set TCP_NODELAY on the accepted connections (it checks the
+    # proto), and each response written in two parts waits for a delayed ACK: 40 ms a request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            why = f"port {port} is already in use on {host} (another server?); pick another with --port"
+        elif e.errno == errno.EACCES:
+            why = f"no permission to listen on port {port} (ports below 1024 need root); pick another with --port"
+        elif e.errno in (errno.EADDRNOTAVAIL, socket.EAI_NONAME) or isinstance(e, socket.gaierror):
+            why = f"cannot listen on {host!r}: not an address of this machine (--host)"
+        else:
+            why = f"cannot listen on {host}:{port}: {e.strerror or e}"
+        raise ValueError(why) from None
+    return sock
 
 
 def default_threads(available: int) -> int:
@@ -257,6 +296,7 @@ def serve(
     from gptlab.checkpoint import load_model, load_tokenizer
     from gptlab.infer.prepare import prepare_model
 
+    sock = bind_socket(host, port)  # a busy port fails here, before minutes of loading
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     connections = connections or ConnectionLimits()
     if not log.handlers and not logging.getLogger().handlers:  # error lines with request ids, beside uvicorn's
@@ -307,4 +347,4 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
     print(f"gptlab: serving {name!r} on http://{host}:{port} (playground at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(connections))
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, **uvicorn_options(connections))).run(sockets=[sock])

@@ -84,7 +84,7 @@ def server_names(bind_host: str) -> list[str]:
 
 def is_protected(path: str) -> bool:
     """Paths that need the API key when one is set (/health answers either way, with less)."""
-    return path.startswith("/v1") or path == "/metrics"
+    return path.startswith("/v1") or path in ("/metrics", "/tokenize", "/detokenize")
 
 
 class _BodyTooLarge(Exception):

@@ -19,9 +19,12 @@ from gptlab.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_logprobs,
     completion_logprobs,
     error_body,
+    model_card,
     new_id,
     now,
     usage,
@@ -70,6 +73,26 @@ class Handlers:
                 param="model",
                 code="model_not_found",
             )
+
+    def model_card(self) -> dict[str, Any]:
+        """/v1/models' entry, with the context length as vLLM (max_model_len) and llama.cpp (n_ctx) give it."""
+        return {**model_card(self.model_name, self.created), "max_model_len": self.n_ctx, "context_length": self.n_ctx}
+
+    # ---- /tokenize, /detokenize ---------------------------------------------------------------------
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        ids = await asyncio.to_thread(self.tokenizer.encode, body.text())
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.n_ctx}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < self.vocab]
+        if bad:
+            raise APIError(
+                400, f"tokens holds ids outside the vocabulary [0, {self.vocab}): {bad[:8]}", param="tokens"
+            )
+        text = self.tokenizer.decode(body.tokens)
+        return {"prompt": text, "content": text}
 
     # ---- /v1/completions -----------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Any) -> Any:

@@ -3,16 +3,19 @@
 Requests are pydantic models with strict types (`"0.5"` is not a temperature), so a wrong type or an
 out-of-range value fails validation with the parameter's name. Fields OpenAI defines but this server
 cannot honour (`suffix`, `best_of` other than n) are accepted only at their no-op value and refused
-otherwise, never silently ignored; unknown fields are refused.
+otherwise, never silently ignored; fields OpenAI documents that cannot change a local model's output
+(`store`, `metadata`, `service_tier`, `user`, ...) are accepted (each logged once, at debug level);
+unknown fields are refused.
 Responses are plain dicts built by the functions below, in OpenAI's exact field layout.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, StringConstraints
 
@@ -22,6 +25,8 @@ from gptlab.serve.chat import NAME_PATTERN
 
 Float = Annotated[float, Strict()]  # ints are accepted, strings are not
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+log = logging.getLogger("gptlab.serve")
+_noted: set[str] = set()
 
 
 class APIError(Exception):
@@ -52,10 +57,17 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    NO_OP_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Fields OpenAI documents that cannot change this server's output: accepted, noted once."""
+
     def check_supported(self) -> None:
         """Raise APIError 400 naming the first field set to a value this server cannot honour."""
         for name, why in self._refused().items():
             raise APIError(400, f"{name} is not supported by this server: {why}", param=name)
+        for name in self.NO_OP_FIELDS:
+            if getattr(self, name) is not None and name not in _noted:
+                _noted.add(name)
+                log.debug("accepted %s: it does not change a local model's output", name)
 
     def _refused(self) -> dict[str, str]:
         return {}
@@ -86,6 +98,13 @@ class _SamplingFields(_Request):
     min_p: Float | None = Field(None, ge=0, le=1)
     repetition_penalty: Float | None = Field(None, ge=0.01, le=100)
     response_format: dict[str, Any] | None = None
+
+    NO_OP_FIELDS: ClassVar[tuple[str, ...]] = ("user",)
+
+    def check_supported(self) -> None:
+        if self.stream_options is not None and not self.stream:  # as OpenAI answers it
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        super().check_supported()
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -261,6 +280,21 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # Documented by OpenAI, no effect on what a local model writes:
+    store: StrictBool | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    service_tier: StrictStr | None = None
+    modalities: list[Literal["text"]] | None = None
+    """Only text: audio output would change the reply, so it fails validation."""
+    prediction: dict[str, Any] | None = None
+    """Predicted output: a latency hint to OpenAI's models; the reply is the same without it."""
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+
+    NO_OP_FIELDS: ClassVar[tuple[str, ...]] = (
+        "user", "store", "metadata", "service_tier", "modalities", "prediction", "prompt_cache_key",
+        "safety_identifier", "parallel_tool_calls",
+    )  # fmt: skip
 
     def tool_mode(self) -> Any:
         """The effective tool_choice ("none" without tools, "auto" by default with them), after the
@@ -348,3 +382,26 @@ def chat_logprobs(items: list, token_bytes: Any) -> dict[str, Any]:
             for item in items
         ]
     }
+
+
+# ---- /tokenize and /detokenize (as vLLM and llama.cpp name them) ----------------------------------------
+class TokenizeRequest(_Request):
+    """POST /tokenize: `prompt` (vLLM) or `content` (llama.cpp); `add_special_tokens` is accepted for
+    vLLM's clients (GPT-2's tokenizer adds none)."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    content: StrictStr | None = None
+    add_special_tokens: StrictBool | None = None
+
+    def text(self) -> str:
+        if (self.prompt is None) == (self.content is None):
+            raise APIError(400, "send the text to tokenize as prompt (or content), exactly one of them", param="prompt")
+        return self.prompt if self.prompt is not None else self.content  # type: ignore[return-value]
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize: token ids back to text."""
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
