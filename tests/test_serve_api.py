@@ -113,3 +113,18 @@ def test_a_busy_port_is_one_line_before_anything_loads(capsys, tmp_path):
     assert code == 2 and "Traceback" not in err and "serving" not in out + err
     want = f"port {port} is already in use on 127.0.0.1 (another server?); pick another with --port"
     assert err.strip() == f"gptlab serve: error: {want}"
+
+
+def test_scoring_a_prompt_of_the_whole_context_with_echo(client, model):
+    import torch
+
+    ids = [(7 * i + 3) % 200 + 10 for i in range(128)]  # n_ctx tokens exactly
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    got = r.choices[0].logprobs.token_logprobs
+    assert len(got) == 128 and got[0] is None and r.usage.completion_tokens == 0
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0][0].float()
+    want = torch.log_softmax(logits, -1)[torch.arange(127), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(got[1:]), want, atol=1e-4, rtol=0)
+    with pytest.raises(openai.BadRequestError, match="128 tokens"):  # generating needs room for a token
+        client.completions.create(model=NAME, prompt=ids, max_tokens=1)

@@ -313,12 +313,14 @@ class Handlers:
                 f"max_tokens={max_tokens} exceeds this server's limit of {self.max_tokens}",
                 param="max_tokens",
             )
+        # Scoring (max_tokens 0, echo) needs no room for a new token: the whole context may be prompt.
+        limit = self.n_ctx if max_tokens == 0 and not self.limits.max_prompt_tokens else self.max_prompt_tokens
         for i, p in enumerate(prompts):
-            if len(p) > self.max_prompt_tokens:
+            if len(p) > limit:
                 raise APIError(
                     400,
                     f"{prompt_param} ({'prompt ' + str(i) + ' ' if len(prompts) > 1 else ''}"
-                    f"{len(p)} tokens) exceeds this server's limit of {self.max_prompt_tokens} "
+                    f"{len(p)} tokens) exceeds this server's limit of {limit} "
                     "prompt tokens",
                     param=prompt_param,
                 )
