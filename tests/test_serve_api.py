@@ -128,3 +128,31 @@ def test_scoring_a_prompt_of_the_whole_context_with_echo(client, model):
     torch.testing.assert_close(torch.tensor(got[1:]), want, atol=1e-4, rtol=0)
     with pytest.raises(openai.BadRequestError, match="128 tokens"):  # generating needs room for a token
         client.completions.create(model=NAME, prompt=ids, max_tokens=1)
+
+
+def test_embeddings_are_the_normalised_mean_of_the_final_hidden_states(client, model, tiny_tokenizer):
+    import base64
+
+    import numpy as np
+    import torch
+
+    texts = ["The quick brown fox", "def add(a, b):", "x"]
+    r = client.embeddings.create(model=NAME, input=texts, encoding_format="float")
+    assert [d.index for d in r.data] == [0, 1, 2]
+    assert r.usage.prompt_tokens == sum(len(tiny_tokenizer.encode(t)) for t in texts)
+    for text, item in zip(texts, r.data, strict=True):
+        with torch.no_grad():  # independently: the model's own hidden states, pooled here
+            hidden = model.features(torch.tensor([tiny_tokenizer.encode(text)]))[0]
+        want = hidden.mean(0) / hidden.mean(0).norm()
+        got = torch.tensor(item.embedding)
+        assert got.shape == (model.config.n_embd,)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    ids = tiny_tokenizer.encode(texts[1])
+    packed = client.embeddings.create(model=NAME, input=[ids], encoding_format="base64").data[0].embedding
+    if isinstance(packed, str):  # the client may or may not decode base64 itself
+        packed = np.frombuffer(base64.b64decode(packed), dtype="<f4").tolist()
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(r.data[1].embedding), atol=1e-6, rtol=0)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model=NAME, input="hi", dimensions=7)
+    with pytest.raises(openai.BadRequestError, match="at most 128"):
+        client.embeddings.create(model=NAME, input=[list(range(10, 140))])

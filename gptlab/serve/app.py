@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP server: routes, API key, limits and OpenAI-style errors.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the ChatML template of
-`gptlab.serve.chat`), GET /v1/models, POST /tokenize and /detokenize (vLLM's and llama.cpp's names),
-GET /health, GET /metrics (Prometheus) and the playground page at GET /. Streaming answers are
-Server-Sent Events in OpenAI's format, ending with `data: [DONE]`.
+`gptlab.serve.chat`), POST /v1/embeddings (`gptlab.infer.embed`), GET /v1/models, POST /tokenize and
+/detokenize (vLLM's and llama.cpp's names), GET /health, GET /metrics (Prometheus) and the playground
+page at GET /. Streaming answers are Server-Sent Events in OpenAI's format, ending with `data: [DONE]`.
 
 Safe by default: `serve` binds 127.0.0.1; with an API key every /v1 call, /tokenize, /detokenize and
 /metrics need `Authorization: Bearer KEY` (and /health without it says only that the server is up); requests must
@@ -46,6 +46,7 @@ from gptlab.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     error_body,
 )
@@ -175,6 +176,11 @@ def create_app(
     async def one_model(name: str) -> dict[str, Any]:
         server.check_model(name)
         return server.model_card()
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        body = parse_body(request.headers.get("content-type"), await request.body(), EmbeddingRequest)
+        return await server.embeddings(body)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

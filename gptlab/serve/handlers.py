@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from gptlab.infer.constrain import Constraint, compile_check
+from gptlab.infer.embed import embed
 from gptlab.infer.sampling import SamplingParams
 from gptlab.serve import chat as chat_template
 from gptlab.serve import tools as chat_tools
@@ -20,6 +22,7 @@ from gptlab.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     chat_logprobs,
     completion_logprobs,
@@ -58,6 +61,7 @@ class Handlers:
         self, model: Any, tokenizer: Any, engine: Engine, model_name: str, limits: ServerLimits
     ) -> None:
         self.tokenizer, self.engine, self.model_name, self.limits = tokenizer, engine, model_name, limits
+        self.model = model
         self.created = now()
         self.n_ctx = model.config.n_ctx
         self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
@@ -77,6 +81,36 @@ class Handlers:
     def model_card(self) -> dict[str, Any]:
         """/v1/models' entry, with the context length as vLLM (max_model_len) and llama.cpp (n_ctx) give it."""
         return {**model_card(self.model_name, self.created), "max_model_len": self.n_ctx, "context_length": self.n_ctx}
+
+    # ---- /v1/embeddings -----------------------------------------------------------------------------
+    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        """The mean of the final hidden states over each input's tokens, L2-normalised
+        (`gptlab.infer.embed`); `encoding_format: "base64"` packs float32 little-endian, as OpenAI does."""
+        body.check_supported()
+        self.check_model(body.model)
+        width = self.model.config.n_embd
+        if body.dimensions is not None and body.dimensions != width:
+            raise APIError(
+                400, f"dimensions={body.dimensions}: this model's embeddings have {width}", param="dimensions"
+            )
+        inputs, _ = await self._completion_prompts(body.input, "input")
+        for i, ids in enumerate(inputs):
+            if len(ids) > self.n_ctx:
+                raise APIError(
+                    400, f"input {i} has {len(ids)} tokens; this model takes at most {self.n_ctx}", param="input"
+                )
+        vectors = await asyncio.to_thread(embed, self.model, inputs)
+        if body.encoding_format == "base64":
+            data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = vectors.tolist()
+        tokens = sum(map(len, inputs))
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "model": self.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     # ---- /tokenize, /detokenize ---------------------------------------------------------------------
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
@@ -179,35 +213,35 @@ class Handlers:
         if include_usage:
             yield {**meta, "choices": [], "usage": usage(sum(map(len, prompts)), generated)}
 
-    async def _completion_prompts(self, prompt: Any) -> tuple[list[list[int]], list[str]]:
+    async def _completion_prompts(self, prompt: Any, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
         tok = self.tokenizer
         if prompt is None:
             prompt = [[tok.eot_id]]
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
-            raise APIError(400, "prompt must not be an empty list", param="prompt")
+            raise APIError(400, f"{param} must not be an empty list", param=param)
         if isinstance(prompt[0], int):
             prompt = [prompt]
         if len(prompt) > self.limits.max_prompts:
             raise APIError(
                 400,
-                f"prompt holds {len(prompt)} prompts; this server accepts at most "
+                f"{param} holds {len(prompt)} prompts; this server accepts at most "
                 f"{self.limits.max_prompts} per request",
-                param="prompt",
+                param=param,
             )
         if isinstance(prompt[0], str):
             ids = [await self._encode(p) for p in prompt]
             return ids, list(prompt)
         for i, p in enumerate(prompt):
             if not p:
-                raise APIError(400, f"prompt {i} is an empty list of token ids", param="prompt")
+                raise APIError(400, f"prompt {i} is an empty list of token ids", param=param)
             bad = [t for t in p if not 0 <= t < self.vocab]
             if bad:
                 raise APIError(
                     400,
                     f"token id {bad[0]} in prompt {i} is outside the vocabulary [0, {self.vocab})",
-                    param="prompt",
+                    param=param,
                 )
         return [list(p) for p in prompt], [tok.decode(p) for p in prompt]
 

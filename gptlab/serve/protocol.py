@@ -405,3 +405,15 @@ class DetokenizeRequest(_Request):
 
     model: StrictStr | None = None
     tokens: list[StrictInt]
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings."""
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: StrictStr | None = None
+
+    NO_OP_FIELDS: ClassVar[tuple[str, ...]] = ("user",)
