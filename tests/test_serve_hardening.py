@@ -313,14 +313,14 @@ def test_a_valid_chat_name_reaches_the_template(server):
 
 # ---- /health and /metrics ------------------------------------------------------------------------------
 def parse_metrics(text: str) -> dict[str, float]:
+    """Samples by name{labels in sorted order}, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     values = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.fullmatch(r"# (HELP|TYPE) [a-z_]+ .+", line), line
-            continue
-        m = re.fullmatch(r'([a-z_]+(?:\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})?) (\S+)', line)
-        assert m, line
-        values[m[1]] = float(m[2])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return values
 
 
@@ -334,14 +334,22 @@ def test_health_shows_counters_only_with_the_key_and_metrics_need_it(server):
         r = client.get("/metrics")
         assert r.status_code == 401 and openai_error(r.status_code, r.headers, r.content)["code"] == "invalid_api_key"
         r = client.get("/metrics", headers=AUTH)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
     metrics = parse_metrics(r.text)
     assert metrics["gptlab_sequences_max"] == 4
     assert metrics["gptlab_kv_cache_blocks"] == health["kv_cache"]["blocks_total"]
     assert metrics["gptlab_requests_completed_total"] >= 1 and metrics["gptlab_generated_tokens_total"] >= 6
     assert metrics['gptlab_http_responses_total{code="401"}'] >= 1
     assert metrics['gptlab_http_responses_total{code="200"}'] >= 2
-    assert any(k.startswith('gptlab_info{model="tiny"') for k in metrics)
+    assert any(k.startswith("gptlab_info{") and 'model="tiny"' in k for k in metrics)
+    assert metrics['gptlab_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
+    assert metrics['gptlab_requests_total{endpoint="/metrics",status="401"}'] >= 1
+    assert metrics["gptlab_time_to_first_token_seconds_count"] >= 1
+    assert metrics["gptlab_inter_token_latency_seconds_count"] >= 5  # 6 tokens: 5 gaps
+    assert metrics["gptlab_e2e_request_latency_seconds_count"] >= 1
+    assert metrics["gptlab_prompt_tokens_total"] >= 1
+    assert 0 <= metrics["gptlab_kv_cache_usage"] <= 1 and "gptlab_prefix_cache_hit_rate" in metrics
+    assert metrics["gptlab_requests_waiting"] == 0 and metrics["gptlab_sequences_active"] == 0
 
 
 def test_without_a_key_health_and_metrics_are_open(model, tiny_tokenizer):

@@ -40,7 +40,6 @@ from gptlab.serve.guard import (
     server_names,
 )
 from gptlab.serve.handlers import Handlers, ServerLimits
-from gptlab.serve.metrics import CONTENT_TYPE, prometheus_text
 from gptlab.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -63,9 +62,12 @@ API_KEY_ENV = "GPTLAB_API_KEY"
 def _import_fastapi():
     try:
         import fastapi
+        import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"the server needs FastAPI and uvicorn: pip install 'gptlab[serve]' ({e})") from None
+        raise ImportError(
+            f"the server needs FastAPI, uvicorn and prometheus_client: pip install 'gptlab[serve]' ({e})"
+        ) from None
     return fastapi
 
 
@@ -107,7 +109,11 @@ def create_app(
         prefix_caching=prefix_caching,
     )
     server = Handlers(model, tokenizer, engine, model_name, limits or ServerLimits())
-    stats = HTTPStats()
+    from gptlab.serve.metrics import CONTENT_TYPE, ENDPOINTS, Metrics
+
+    stats = HTTPStats(ENDPOINTS)
+    registry = Metrics(engine.stats, stats, model_name)
+    engine.observer = registry
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -166,7 +172,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:  # the Guard asks for the key
-        return Response(prometheus_text(engine.stats(), stats.responses, model_name), media_type=CONTENT_TYPE)
+        return Response(registry.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -57,11 +59,21 @@ class _Entry:
     row: Row
     group: _Group
     sent_logprobs: int = 0
+    last_token: float | None = None
+    """time.monotonic() of the row's latest token (None before its first)."""
 
     @property
     def gone(self) -> bool:
         job = self.group.job
         return self.row.done or job.cancelled or job.failed
+
+
+class Observer(Protocol):
+    """What the engine reports as tokens are sampled (`gptlab.serve.metrics.Metrics`), in seconds."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def next_token(self, seconds: float) -> None: ...
+    def finished(self, seconds: float, prompt_tokens: int) -> None: ...
 
 
 class Engine:
@@ -107,6 +119,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._outbox: list[tuple[Job, object]] = []  # events of this step, delivered together
         self.counters = dict(steps=0, max_batch=0, completed=0, cancelled=0, failed=0, tokens=0)
+        self.observer: Observer | None = None
 
     # ---- public ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -390,6 +403,8 @@ class Engine:
             return
         tracker = row.tracker
         assert tracker is not None
+        if self.observer is not None:
+            self._observe(entry)
         if row.finish_reason is None:
             text = tracker.delta() if job.deltas else ""
             if text:
@@ -405,6 +420,17 @@ class Engine:
             job.emit(Delta(row.index, text, new))
         job.emit(Finished(row.index, row.completion(), len(row.ids)))
         self.counters["completed"] += 1
+
+    def _observe(self, entry: _Entry) -> None:
+        now, observer = time.monotonic(), self.observer
+        assert observer is not None
+        if entry.last_token is None:
+            observer.first_token(now - entry.group.job.submitted)
+        else:
+            observer.next_token(now - entry.last_token)
+        entry.last_token = now
+        if entry.row.finish_reason is not None:
+            observer.finished(now - entry.group.job.submitted, len(entry.row.prompt))
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows (their blocks go back to the pool) and their logits."""

@@ -31,10 +31,17 @@ _LOGGED_BODY = 4096  # bytes of an error body kept to log its message
 
 
 class HTTPStats:
-    """Responses sent, by status code (read by /metrics)."""
+    """Responses sent, by status code and by (endpoint, status) (read by /metrics); `endpoints` are the
+    paths that get a label of their own, any other counts as 'other'."""
 
-    def __init__(self) -> None:
+    def __init__(self, endpoints: frozenset[str] = frozenset()) -> None:
+        self.endpoints = endpoints
         self.responses: Counter[int] = Counter()
+        self.by_endpoint: Counter[tuple[str, int]] = Counter()
+
+    def count(self, path: str, status: int) -> None:
+        self.responses[status] += 1
+        self.by_endpoint[path if path in self.endpoints else "other", status] += 1
 
 
 def new_request_id() -> str:
@@ -112,7 +119,7 @@ class RequestIds:
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
-                self.stats.responses[status] += 1
+                self.stats.count(scope.get("path", ""), status)
             elif message["type"] == "http.response.body" and status >= 400:
                 error_bytes.extend(message.get("body", b"")[: _LOGGED_BODY - len(error_bytes)])
                 if not message.get("more_body"):

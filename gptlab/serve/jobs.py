@@ -8,6 +8,7 @@ The engine thread never touches asyncio objects directly: `Job.emit` posts an ev
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,6 +69,7 @@ class Job:
         self, engine: Scheduler, n_choices: int, loop: asyncio.AbstractEventLoop, deltas: bool = True
     ) -> None:
         self.engine, self.n_choices, self.loop, self.deltas = engine, n_choices, loop, deltas
+        self.submitted = time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.failed = False
