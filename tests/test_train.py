@@ -490,3 +490,46 @@ def test_example_training_configs_load():
     for file in files:
         cfg = load_train_config(file)
         assert cfg.model.resolve().n_layer >= 1, file
+
+
+def test_tensorboard_scalars_read_back_in_full_precision(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from gptlab.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    rows = [{"step": 1, "loss": 3.25, "time": 1796499981.7708316}, {"step": 2, "loss": 3.0, "val_loss": 3.1}]
+    for row in rows:
+        logger.log(row)
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    value = {
+        tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]
+    }
+    assert value["train/time"] == [(1, 1796499981.7708316)]  # float32 would give 1796499968.0
+    assert value["train/loss"] == [(1, 3.25), (2, 3.0)] and value["val/loss"] == [(2, 3.1)]
+
+
+def test_tensorboard_asked_for_but_missing_is_one_warning(tmp_path: Path, monkeypatch, capsys):
+    import builtins
+
+    from gptlab.train.metrics import MetricsLogger
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger.log({"step": 1, "loss": 1.0})
+    logger.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tensorboard is not installed" in err[0] and "gptlab[tensorboard]" in err[0]
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    MetricsLogger(tmp_path, tensorboard=False).close()
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,12 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional: pip install 'gptlab[tensorboard]'
+            except ImportError:  # optional, but asked for: say so once rather than skip silently
+                print(
+                    "gptlab: warning: TensorBoard logging skipped: tensorboard is not installed "
+                    "(pip install 'gptlab[tensorboard]', or set train.tensorboard = false)",
+                    file=sys.stderr,
+                )
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -85,7 +91,9 @@ class MetricsLogger:
             step = row["step"]
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and value is not None:
-                    self._tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+                    # Double precision: `time` (seconds since 1970) in float32 is off by up to 64 s.
+                    tag = f"train/{key}" if key != "val_loss" else "val/loss"
+                    self._tb.add_scalar(tag, value, step, new_style=True, double_precision=True)
             self._tb.flush()
 
     def plot(self) -> Path | None:
