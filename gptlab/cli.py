@@ -740,10 +740,29 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _add_completion(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh), generated from these commands by shtab",
+        description="Print a completion script for every gptlab command and flag. bash: "
+        "`gptlab completion bash > ~/.local/share/bash-completion/completions/gptlab`; zsh: "
+        "`gptlab completion zsh > \"${fpath[1]}/_gptlab\"` (then start a new shell).",
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
+
+    def run(args: argparse.Namespace) -> int:
+        import shtab
+
+        print(shtab.complete(build_parser(), shell=args.shell), end="")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 COMMANDS = [
     _add_configs, _add_convert, _add_tokenizer, _add_compare, _add_report, _add_prepare, _add_eval,
     _add_generate, _add_train, _add_serve, _add_export,
-    _add_finetune, _add_classify, _add_lora,
+    _add_finetune, _add_classify, _add_lora, _add_completion,
 ]
 
 
