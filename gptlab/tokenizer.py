@@ -504,6 +504,29 @@ class Tokenizer:
             os.replace(tmp, directory / name)
         return directory
 
+    def save_tokenizer_json(self, file: str | os.PathLike[str]) -> Path:
+        """Write this tokenizer as a Hugging Face fast tokenizer (`tokenizer.json`): byte-level BPE with
+        GPT-2's pre-tokenizer, the same merges and ids, special tokens as added tokens."""
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {_symbol(t): i for t, i in self._ranks.items()}
+        merges = [(_symbol(a), _symbol(b)) for a, b in self._merges]
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        specials = sorted(self._special.items(), key=lambda kv: kv[1])
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+        for token, i in specials:  # added tokens take the next free ids: they must land on ours
+            if hf.token_to_id(token) != i:
+                raise ValueError(f"special token {token!r} would get id {hf.token_to_id(token)}, not {i}")
+        file = Path(file)
+        tmp = file.with_name(f".{file.name}.tmp")
+        hf.save(str(tmp))
+        os.replace(tmp, file)
+        return file
+
     @classmethod
     def train(
         cls,

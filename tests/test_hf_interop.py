@@ -250,3 +250,54 @@ def test_hub_name_offline_asks_for_a_local_directory(monkeypatch, capsys):
         load_model(name)
     assert main(["convert", "--from-hf", name, "--out", "unused-out"]) == 2
     assert "Pass a local directory" in capsys.readouterr().err
+
+
+def test_to_hf_writes_a_complete_directory_a_batched_pipeline_uses(tmp_path, gpt2_tokenizer):
+    from gptlab.checkpoint import save_model
+    from gptlab.infer.generate import generate
+
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=64, vocab_size=50257)
+    ours = GPT(config).eval()
+    with torch.no_grad():  # confident predictions: greedy choices far from ties
+        ours.transformer.wte.weight.mul_(30)
+    save_model(ours, tmp_path / "ckpt", gpt2_tokenizer)
+    assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / "hf"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "vocab.json",
+                 "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "README.md"):  # fmt: skip
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and str(tmp_path / "ckpt") in card and "n_embd | 32" in card
+
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    assert fast.is_fast and fast.pad_token == fast.eos_token == "<|endoftext|>" and fast.padding_side == "left"
+    assert fast.model_max_length == 64
+    for text in ["Hello world!", "  def f(x):\n\treturn x  ", "naïve café 😀", " " * 40 + "a", "x<|endoftext|>y"]:
+        assert fast.encode(text) == gpt2_tokenizer.encode(text, allowed_special="all"), text
+        assert fast.decode(fast.encode(text)) == text
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == generation.pad_token_id == 50256
+
+    prompts = ["The quick brown fox", "def", "Numbers: 1, 2, 3, 4, 5"]  # different lengths: padding
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    got = pipe(prompts, batch_size=3, max_new_tokens=8, do_sample=False, return_full_text=False)
+    want = generate(ours, gpt2_tokenizer, prompts, temperature=0, max_new_tokens=8)
+    assert [g[0]["generated_text"] for g in got] == [w.text for w in want]
+
+
+def test_from_hf_keeps_gpt2s_original_tokenizer_files_and_refuses_a_broken_one(tmp_path, gpt2_bpe_dir, capsys):
+    reference = hf_model(vocab_size=50257)
+    reference.save_pretrained(tmp_path / "hf")
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(gpt2_bpe_dir / name, tmp_path / "hf" / name)
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "ckpt/tokenizer/encoder.json").is_file()
+    assert load_tokenizer(tmp_path / "ckpt").encode("Hello world") == [15496, 995]  # GPT-2's ids
+
+    (tmp_path / "hf" / "encoder.json").unlink()
+    (tmp_path / "hf" / "tokenizer.json").write_text("")  # an empty tokenizer.json is not copied silently
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt2")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer files in" in err and "tokenizer.json" in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt2").exists()

@@ -297,8 +297,11 @@ def download(name: str) -> Path:
 
 
 # ---- export -------------------------------------------------------------------------------------
-def save_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` (and its tokenizer) as a Hugging Face GPT-2 directory, atomically.
+def save_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None, source: str | None = None) -> Path:
+    """Write `model` (and its tokenizer) as a complete Hugging Face GPT-2 directory, atomically: weights
+    and config, `generation_config.json`, and with a tokenizer both its slow files and `tokenizer.json`
+    (fast), end-of-text as bos / eos / pad with left padding (a batched `pipeline("text-generation")`
+    works), and a model card (`README.md`) naming `source`.
 
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` then computes the same logits.
     """
@@ -323,9 +326,59 @@ def save_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        generation = {"_from_model_config": True, "max_length": config.n_ctx}
+        if eos is not None:
+            generation |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)  # vocab.json + merges.txt + tokenizer_config.json, HF's GPT-2 format
+            tokenizer.save_tokenizer_json(tmp / "tokenizer.json")
+            settings = json.loads((tmp / "tokenizer_config.json").read_text())
+            settings |= {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": config.n_ctx}
+            if eos is not None:  # GPT-2 has no pad token; end-of-text pads, on the left for generation
+                eot = "<|endoftext|>"
+                settings |= {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+                settings |= {"padding_side": "left"}
+                specials = {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+                (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(model, hf_config, tokenizer is not None, source))
     return out_dir
+
+
+def _model_card(model: GPT, hf_config: dict, has_tokenizer: bool, source: str | None) -> str:
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(hf_config.items()) if not isinstance(v, dict | list))
+    tokenizer_line = (
+        "The tokenizer (GPT-2 byte-level BPE) is included, slow and fast."
+        if has_tokenizer
+        else "No tokenizer: the model was trained on token ids."
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [gpt2, gptlab]
+---
+
+# GPT-2-architecture model exported by gptlab
+
+{params:,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, a context of {c.n_ctx} tokens,
+a vocabulary of {c.vocab_size}. Weights from: {source or "a gptlab model in memory"}.
+{tokenizer_line}
+
+```python
+from transformers import pipeline
+generate = pipeline("text-generation", model="PATH/TO/THIS/DIRECTORY")
+print(generate("def ", max_new_tokens=32)[0]["generated_text"])
+```
+
+## config.json
+
+| key | value |
+|---|---|
+{rows}
+"""
 
 
 __all__ = [
