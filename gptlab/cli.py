@@ -245,7 +245,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `gptlab train`")
     p.add_argument("--out", metavar="FILE.md", help="report file (default RUN_DIR/report.md); PNG beside it")
     p.add_argument("--no-sample", action="store_true", help="skip the sample from the latest checkpoint")
-    p.add_argument("--prompt", default="\n", help="prompt for the sample (default a newline)")
+    p.add_argument("--prompt", default="def ", help="prompt for the sample (default 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length of the sample in tokens")
 
     def run(args: argparse.Namespace) -> int:

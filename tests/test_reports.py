@@ -358,3 +358,23 @@ def test_device_names_match_the_accelerator_table():
     assert {n: sz.match_device(n).name for n in names} == names
     assert sz.match_device("Intel Arc A770") is None
     assert sz.accelerator("h100").peak_flops_fp32 == 67e12
+
+
+def test_report_finds_relative_data_paths_from_the_run_not_the_working_directory(
+    capsys, tmp_path, tokenizer, monkeypatch
+):
+    project = tmp_path / "project"
+    data = project / "data" / "corpus"
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text(json.dumps({"tokens": 54321, "documents": 3}))
+    (project / "runs").mkdir()
+    run = make_run(project / "runs", "r2", tokenizer, [5.0, 4.0])  # trained in `project`: runs/r2
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "data": {"dataset": "data/corpus", "seq_len": 32}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, _ = cli(capsys, "report", str(run), "--out", "card.md", "--max-new-tokens", "4")
+    md = (elsewhere / "card.md").read_text()
+    assert code == 0 and "54,321" in md and str(data / "manifest.json") in md
+    assert "prompt 'def '" in md  # the default sample prompt shows the start of a function

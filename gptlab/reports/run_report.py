@@ -24,6 +24,9 @@ CONFIG_FILE = "config.json"
 _SEQ_KEYS = ("seq_len", "block_size", "sequence_length", "context_length")
 
 
+SAMPLE_PROMPT = "def "
+"""The sample's default prompt: the default corpus is Python, so a function's start shows what it learned."""
+
 def is_run_dir(path: str | Path) -> bool:
     """A training run: a directory with metrics.jsonl or a checkpoints/ folder next to its config."""
     p = Path(path)
@@ -176,15 +179,24 @@ def final_metrics(run: Run) -> dict[str, Any]:
 
 
 # ---- the report card ----------------------------------------------------------------------------
+def resolve_run_path(run_dir: Path, value: str) -> list[Path]:
+    """Where a path in a run's config may be: as written when absolute; a relative one was relative to
+    the directory training ran in, which is not the working directory now, so the run's own
+    surroundings come first (runs live in `<project>/runs/<name>`), the working directory last."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return [p]
+    run_dir = run_dir.resolve()
+    return [run_dir.parent.parent / p, run_dir.parent / p, run_dir / p, Path.cwd() / p]
+
+
 def _data_manifest(run: Run) -> tuple[Path, dict[str, Any]] | None:
     """The prepared data's manifest.json: in the run dir, or in a data directory the config names."""
     candidates = [run.path / "data_manifest.json", run.path / "manifest.json"]
     for key, value in flatten(run.config).items():
         if isinstance(value, str) and key.split(".")[0] in ("data", "train") and value:
-            p = Path(value)
-            candidates += (
-                [p / "manifest.json", p.parent / "manifest.json"] if p.suffix else [p / "manifest.json"]
-            )
+            for p in resolve_run_path(run.path, value):
+                candidates += [p / "manifest.json", p.parent / "manifest.json"]
     for c in candidates:
         if c.is_file():
             try:
@@ -198,7 +210,7 @@ def _scalars(d: dict[str, Any], limit: int = 20) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in flatten(d).items() if not isinstance(v, list)][:limit]
 
 
-def generate_sample(run_dir: str | Path, prompt: str = "\n", max_new_tokens: int = 48) -> str:
+def generate_sample(run_dir: str | Path, prompt: str = SAMPLE_PROMPT, max_new_tokens: int = 48) -> str:
     """A short greedy continuation of `prompt` from the run's newest checkpoint (without the prompt)."""
     import torch
 
@@ -254,7 +266,7 @@ def write_report(
     run_dir: str | Path,
     out: str | Path | None = None,
     sample: bool = True,
-    prompt: str = "\n",
+    prompt: str = SAMPLE_PROMPT,
     max_new_tokens: int = 48,
 ) -> Path:
     """Write RUN_DIR/report.md (or `out`) and the loss curve PNG beside it; returns the report path."""
