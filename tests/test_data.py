@@ -389,3 +389,27 @@ def test_cli_prepare(tmp_path, corpus_dir, tiny_tokenizer, capsys):
 
     rc = main(["prepare", str(tmp_path / "*.none"), "--tokenizer", str(tok_dir), "--out", str(out)])
     assert rc == 2 and "matched no files" in capsys.readouterr().err
+
+
+def test_default_corpus_leaves_out_generated_tables_and_data(tmp_path):
+    import sysconfig
+
+    from gptlab.data.documents import corpus_exclusion, default_corpus_files, default_corpus_left_out
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    kept = {str(f.relative_to(root)) for f in default_corpus_files()}
+    for name in ("os.py", "argparse.py", "json/decoder.py", "collections/__init__.py", "opcode.py"):
+        assert name in kept, name  # real modules, opcode.py included (45% literals: below the cut)
+    left_out = default_corpus_left_out()
+    gone = {p for entry in left_out.values() for p in entry["paths"]}
+    for name in ("encodings/cp1252.py", "encodings/cp437.py", "html/entities.py", "pydoc_data/topics.py"):
+        if (root / name).is_file():
+            assert name in gone and name not in kept, name
+    assert not kept & gone and len(kept) > 400
+    assert sum(e["files"] for e in left_out.values()) == len(gone)
+
+    table = tmp_path / "table.py"
+    table.write_text("# a mapping\nT = {\n" + "".join(f"    0x{i:04x}: 0x{i + 1:04x},\n" for i in range(40)) + "}\n")
+    code = tmp_path / "code.py"
+    code.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(20)))
+    assert corpus_exclusion(table).startswith("a table") and corpus_exclusion(code) is None

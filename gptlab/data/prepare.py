@@ -31,6 +31,7 @@ from gptlab.data.documents import (
     Doc,
     Reader,
     default_corpus_files,
+    default_corpus_left_out,
     default_corpus_name,
     iter_documents,
     new_counts,
@@ -262,6 +263,7 @@ def prepare(
         "sources": {
             "inputs": None if inputs is None else [str(s) for s in inputs],
             "default_corpus": default_corpus_name() if inputs is None else None,
+            "default_corpus_left_out": default_corpus_left_out() if inputs is None else None,
             "files": [str(f) for f in files],
             "sha256": hasher.hexdigest(),
         },
@@ -308,4 +310,8 @@ def summary(manifest: dict[str, Any], out_dir: str | os.PathLike[str] | None = N
             f"  skipped {skipped or 'nothing'}; {manifest['replaced_bytes']:,} undecodable bytes replaced "
             f"in {manifest['documents_with_replaced_bytes']:,} documents"
         )
+    left_out = (manifest.get("sources") or {}).get("default_corpus_left_out") or {}
+    for why, entry in left_out.items():
+        size = f"{entry['files']} files, {entry['bytes'] / 1e6:.1f} MB"
+        lines.append(f"  left out of the standard library: {size} ({why})")
     return "\n".join(lines)

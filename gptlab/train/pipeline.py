@@ -11,6 +11,7 @@ Caches live under data/stdlib/ (tokenizer/, dataset/); a second run reuses them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import statistics
 import time
@@ -85,9 +86,14 @@ def ensure_dataset(data_dir: Path, tokenizer: Any, corpus: list[Path] | None = N
     from gptlab.data.prepare import prepare, summary
 
     out = data_dir / "dataset"
+    from gptlab.data.documents import default_corpus_files
+
+    wanted = sorted({str(f) for f in (corpus or default_corpus_files())})
     try:
         manifest = read_manifest(out)
-        if manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint():
+        # Stale when the tokenizer or the corpus changed (a newer gptlab leaves out more of the stdlib).
+        same_files = sorted(set(manifest.get("sources", {}).get("files") or [])) == wanted
+        if manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint() and same_files:
             print(f"data: reusing {out} ({manifest['tokens']:,} tokens)", flush=True)
             return out
     except (FileNotFoundError, ValueError):
@@ -213,6 +219,11 @@ def main_job(
                 f"\ndone in {total / 60:.1f} min: run directory {result.run_dir} "
                 f"(loss {result.loss:.3f}" + (f", val loss {result.val_loss:.3f})" if result.val_loss else ")")
             )
+            if result.val_loss is not None:
+                print(
+                    f"validation: loss {result.val_loss:.3f}, perplexity {math.exp(result.val_loss):.1f} on held-out "
+                    f"modules; {result.tokens:,} tokens seen in {result.step} steps"
+                )
             print(f"continue with: gptlab generate {result.run_dir} 'def '")
             print(f"               gptlab report {result.run_dir}")
             print(f"               gptlab train --resume {result.run_dir} --train.max_steps {steps * 2}")
