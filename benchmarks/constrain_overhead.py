@@ -13,7 +13,6 @@ and then stays inside the string until the token limit, which keeps the lengths 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,21 +25,12 @@ from gptlab.infer.prepare import prepare_model
 from gptlab.infer.sampling import SamplingParams
 from gptlab.model import GPT
 from gptlab.presets import preset
+from gptlab.reports.run_report import cpu_name
 from gptlab.reports.table import format_table
 from gptlab.tokenizer import Tokenizer
 
 DEFAULT_BPE_DIR = Path(__file__).resolve().parents[2] / "shared/fixtures/gpt2-bpe"
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

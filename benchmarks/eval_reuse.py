@@ -13,7 +13,6 @@ item's prompt is computed once through the inference engine and each choice fork
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import sys
@@ -25,17 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from gptlab.reports.run_report import cpu_name  # noqa: E402
+
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "gpt2-bpe"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def tokenizer_and_model(preset_name: str):

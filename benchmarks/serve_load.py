@@ -58,6 +58,8 @@ from serve_clients import (
 )
 
 sys.path.insert(0, str(ROOT))
+from gptlab.reports.run_report import cpu_name  # noqa: E402
+
 GPT2_BPE = ROOT.parent / "shared/fixtures/gpt2-bpe"
 WORKLOADS = ("load", "shared-prefix", "llamacpp")
 DEFAULTS = {  # workload: (preset, requests per client, max_tokens)
@@ -122,16 +124,6 @@ def model_config(checkpoint: Path):
     from gptlab.checkpoint import load_model
 
     return load_model(checkpoint).config
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 # ---- workloads ---------------------------------------------------------------------------------

@@ -250,6 +250,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (benchmark tables name the machine they were measured on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, str]:
     import torch
 
