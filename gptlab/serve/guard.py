@@ -36,12 +36,18 @@ class HTTPStats:
 
     def __init__(self, endpoints: frozenset[str] = frozenset()) -> None:
         self.endpoints = endpoints
-        self.responses: Counter[int] = Counter()
         self.by_endpoint: Counter[tuple[str, int]] = Counter()
 
     def count(self, path: str, status: int) -> None:
-        self.responses[status] += 1
         self.by_endpoint[path if path in self.endpoints else "other", status] += 1
+
+    @property
+    def responses(self) -> Counter[int]:
+        """Responses by status code alone."""
+        out: Counter[int] = Counter()
+        for (_, status), n in self.by_endpoint.items():
+            out[status] += n
+        return out
 
 
 def new_request_id() -> str:
