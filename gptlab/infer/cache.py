@@ -231,6 +231,25 @@ class KVPool:
             self._release(block)
         seq.blocks, seq.length, seq.keys = [], 0, []
 
+    def truncate(self, seq: Sequence, length: int) -> None:
+        """Cut `seq` back to its first `length` tokens (rejected speculative tokens): blocks wholly past
+        them go back, and the block the cut falls inside, which the sequence will write into again,
+        stops being a prefix-cache entry (others sharing it keep it; the next write copies it)."""
+        if not 0 <= length <= len(seq.tokens):
+            raise ValueError(f"cannot truncate a sequence of {len(seq.tokens)} tokens to {length}")
+        bs = self.block_size
+        del seq.tokens[length:]
+        seq.length = min(seq.length, length)
+        keep = self.blocks_for(seq.length)
+        for block in seq.blocks[keep:]:
+            self._release(block)
+        del seq.blocks[keep:]
+        del seq.keys[seq.length // bs :]
+        if seq.length % bs:
+            tail = seq.blocks[-1]
+            if self.refs[tail] == 1 and tail in self._key_of:  # only we hold it: its key would go stale
+                del self._by_key[self._key_of.pop(tail)]
+
     def preempt(self, seq: Sequence) -> None:
         """Take `seq`'s blocks back mid-generation; it recomputes its tokens when it resumes (its full
         blocks may still be cached then)."""

@@ -3,7 +3,8 @@
 `InferenceEngine.forward(seqs)` computes every pending token of each sequence and returns the logits
 callers sample from. Sequences that feed one token (decoding) run together on the fastest backend that
 takes the batch (the C step on gptlab's CPU kernels, else the torch reference); sequences that feed
-several (prompts, recomputation after preemption) run through the reference step, right-padded in
+several (prompts, recomputation after preemption, the K + 1 positions a speculative step verifies) run
+through the reference step, right-padded in
 batches. `generate`, `stream`, beam search, evaluation and the server all decode through one engine.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,6 +23,29 @@ from gptlab.model import GPT
 
 PREFILL_TOKENS = 8192
 """Most padded tokens (rows x longest) in one batch of the reference step: bounds its activations."""
+
+
+@dataclass
+class SpeculationStats:
+    """Counters of speculative decoding on an engine (`gptlab.infer.speculative` keeps them)."""
+
+    steps: int = 0
+    """Verification forwards, counted per row (one target forward of a row's K + 1 positions)."""
+    drafted: int = 0
+    """Draft tokens proposed."""
+    accepted: int = 0
+    """Draft tokens the target accepted."""
+    tokens: int = 0
+    """Tokens the verification steps produced (accepted drafts plus one corrected or bonus token each)."""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
+            "tokens_per_step": round(self.tokens / self.steps, 4) if self.steps else 0.0,
+        }
 
 
 def kv_bytes_per_token(model: GPT, dtype: torch.dtype) -> int:
@@ -87,6 +112,7 @@ class InferenceEngine:
         self.pool = KVPool(
             model.config, blocks, block_size, dtype=dtype, device=device, prefix_caching=prefix_caching
         )
+        self.speculation = SpeculationStats()
 
     # ---- sequences ---------------------------------------------------------------------------
     def sequence(self, tokens: Seq[int], *, reuse: bool = True, compute: int = 1) -> Sequence:
@@ -110,6 +136,10 @@ class InferenceEngine:
 
     def free(self, seq: Sequence) -> None:
         self.pool.free(seq)
+
+    def truncate(self, seq: Sequence, length: int) -> None:
+        """Keep `seq`'s first `length` tokens (and their cache), dropping the rest (see KVPool.truncate)."""
+        self.pool.truncate(seq, length)
 
     # ---- computing ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -165,4 +195,7 @@ class InferenceEngine:
 
     def summary(self) -> dict[str, object]:
         backend = "cpu-kernels" if self.fast is not None else "torch"
-        return {"backend": backend, "kv_dtype": str(self.pool.k.dtype).removeprefix("torch."), **self.pool.summary()}
+        out = {"backend": backend, "kv_dtype": str(self.pool.k.dtype).removeprefix("torch."), **self.pool.summary()}
+        if self.speculation.steps:
+            out["speculative"] = self.speculation.summary()
+        return out
