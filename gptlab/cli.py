@@ -401,6 +401,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     option("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
     option("--device", type=_device, default="cpu", help="torch device")
     option("--verbose", action="store_true", help="print KV-cache and prefix-cache counters after each completion")
+    option("--draft", default=None, metavar="CKPT", help="speculative decoding: a smaller draft model, same tokenizer")
+    option("--prompt-lookup", type=int, default=0, metavar="N",
+           help="speculative decoding, no draft model: propose what followed the last N-gram before")  # fmt: skip
+    option("--speculative-tokens", type=int, default=None, metavar="K",
+           help="tokens drafted per step (default 4; needs --draft or --prompt-lookup)")  # fmt: skip
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.infer.generate import run_generate
@@ -420,6 +425,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         return run_generate(
             model, tokenizer, args.prompt, params, interactive=args.interactive,
             truncate=not args.no_truncate, compile=args.compile, verbose=args.verbose,
+            speculative=_speculation(args, model),
         )
 
     p.set_defaults(func=run)
@@ -440,6 +446,28 @@ def _constraint(args: argparse.Namespace) -> Any:
             except OSError as e:
                 raise CLIError(f"{flag}: cannot read {file}: {e.strerror}") from None
     return None
+
+
+def _speculation(args: argparse.Namespace, model: Any) -> Any:
+    """The `Speculation` of --draft / --prompt-lookup / --speculative-tokens, or None."""
+    from gptlab.infer.speculative import Speculation
+
+    if args.draft is None and not args.prompt_lookup:
+        if args.speculative_tokens is not None:
+            raise CLIError("--speculative-tokens needs a drafter: --draft CKPT or --prompt-lookup N")
+        return None
+    if args.draft is not None and args.prompt_lookup:
+        raise CLIError("choose one drafter: --draft CKPT or --prompt-lookup N, not both")
+    draft = None
+    if args.draft is not None:
+        from gptlab.infer.prepare import load_for_generation
+
+        draft, _ = load_for_generation(
+            args.draft, dtype=args.dtype, quantize=args.quantize, device=args.device,
+            tokenizer=args.tokenizer or args.checkpoint, pack=not args.compile,
+        )  # fmt: skip
+    k = args.speculative_tokens if args.speculative_tokens is not None else Speculation.num_tokens
+    return Speculation(draft=draft, prompt_lookup=args.prompt_lookup, num_tokens=k).validate(model)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,8 @@
 
 Each call builds an `InferenceEngine` with a KV pool sized for its prompts, prefills every prompt once
 (n samples fork its blocks), then decodes one token per live row per step; `gptlab.infer.rows` chooses
-the tokens. Prompts of any lengths share a batch without padding: each row has its own positions.
+the tokens. With `speculative=` a step drafts and verifies several tokens per row
+(`gptlab.infer.speculative`). Prompts of any lengths share a batch without padding: each row has its own positions.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from gptlab.infer.cache import BLOCK_SIZE
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.rows import Completion, Row, TextTokenizer, TokenLogprob, advance, make_rows, start
 from gptlab.infer.sampling import SamplingParams
+from gptlab.infer.speculative import Speculation, Speculator
 from gptlab.model import GPT
 
-__all__ = ["Completion", "SamplingParams", "TokenLogprob", "generate", "generate_ids", "stream"]
+__all__ = ["Completion", "SamplingParams", "Speculation", "TokenLogprob", "generate", "generate_ids", "stream"]
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -83,26 +85,33 @@ def engine_for(
 
 
 class _EvalMode:
-    """Eval mode for the duration of a run (no dropout), restoring the caller's mode after."""
+    """Eval mode for the duration of a run (no dropout), restoring the caller's mode after; the draft
+    model of `speculation` too."""
 
-    def __init__(self, model: GPT) -> None:
-        self.model, self.was_training = model, model.training
+    def __init__(self, model: GPT, speculation: Speculation | None = None) -> None:
+        draft = speculation.draft if speculation is not None else None
+        self.models = [(m, m.training) for m in (model, draft) if m is not None]
         # Setting the mode walks every module (~1 ms each way for GPT-2): skip it when nothing trains.
-        self.switch = any(m.training for m in model.modules())
+        self.switch = any(m.training for model, _ in self.models for m in model.modules())
 
     def __enter__(self) -> None:
         if self.switch:
-            self.model.eval()
+            for model, _ in self.models:
+                model.eval()
 
     def __exit__(self, *exc: object) -> None:
         if self.switch:
-            self.model.train(self.was_training)
+            for model, was_training in self.models:
+                model.train(was_training)
 
 
 # ---- the sampling loop ---------------------------------------------------------------------------
-def decode_rows(engine: InferenceEngine, rows: list[Row], eos_id: int | None) -> Iterator[None]:
+def decode_rows(
+    engine: InferenceEngine, rows: list[Row], eos_id: int | None, speculation: Speculation | None = None
+) -> Iterator[None]:
     """Decode every row until it finishes, yielding after each step (for streaming); rows are updated
-    in place and their blocks go back to the pool as they finish."""
+    in place and their blocks go back to the pool as they finish. With `speculation` each step after
+    the first drafts and verifies up to K + 1 tokens per row."""
     n_ctx = engine.model.config.n_ctx
     live = [r for r in rows if r.params.max_new_tokens > 0]
     for r in rows:
@@ -110,17 +119,26 @@ def decode_rows(engine: InferenceEngine, rows: list[Row], eos_id: int | None) ->
             r.finish_reason = "length"
     if not live:
         return
-    logits = start(engine, live)
-    while True:
-        advance(live, logits, eos_id, n_ctx)
-        yield
-        for r in live:
-            if r.done and r.seq is not None:
-                engine.free(r.seq)
-        live = [r for r in live if not r.done]
-        if not live:
-            return
-        logits = engine.forward([r.seq for r in live])
+    speculator = Speculator(engine, speculation, live) if speculation is not None else None
+    try:
+        advance(live, start(engine, live), eos_id, n_ctx)
+        while True:
+            yield
+            for r in live:
+                if r.done and r.seq is not None:
+                    engine.free(r.seq)
+                if r.done and speculator is not None:
+                    speculator.release(r)
+            live = [r for r in live if not r.done]
+            if not live:
+                return
+            if speculator is not None:
+                speculator.step(live, eos_id)
+            else:
+                advance(live, engine.forward([r.seq for r in live]), eos_id, n_ctx)
+    finally:
+        if speculator is not None:
+            speculator.close()
 
 
 def _engine(
@@ -133,9 +151,9 @@ def _engine(
     return engine
 
 
-def _run(engine: InferenceEngine, rows: list[Row], eos_id: int | None) -> None:
+def _run(engine: InferenceEngine, rows: list[Row], eos_id: int | None, speculation: Speculation | None) -> None:
     try:
-        for _ in decode_rows(engine, rows, eos_id):
+        for _ in decode_rows(engine, rows, eos_id, speculation):
             pass
     finally:  # an error (or a full pool) must not leave blocks held in a long-lived engine
         for r in rows:
@@ -143,6 +161,16 @@ def _run(engine: InferenceEngine, rows: list[Row], eos_id: int | None) -> None:
                 engine.free(r.seq)
                 r.seq = None
     _raise_failures(rows)
+
+
+def _speculation(speculative: Speculation | None, model: GPT, params: SamplingParams) -> Speculation | None:
+    if speculative is None:
+        return None
+    if not isinstance(speculative, Speculation):
+        raise ValueError(f"speculative must be a Speculation, got {type(speculative).__name__}")
+    if params.num_beams > 1:
+        raise ValueError("speculative decoding samples or decodes greedily; it does not apply to beam search")
+    return speculative.validate(model)
 
 
 def _raise_failures(rows: list[Row]) -> None:
@@ -161,6 +189,7 @@ def generate(
     truncate: bool = True,
     compile: bool = False,
     engine: InferenceEngine | None = None,
+    speculative: Speculation | None = None,
     **kwargs: Any,
 ) -> list[Completion]:
     """Complete each prompt `params.n` times; completions ordered by prompt, then sample.
@@ -168,12 +197,14 @@ def generate(
     Keyword arguments override fields of `params` (`generate(m, tok, "Hi", temperature=0)`).
     Prompts of different lengths share one batch; each row stops on its own. `engine`: an
     `InferenceEngine` of `model` to run on (its prefix cache kept across calls); by default one sized
-    for this call.
+    for this call. `speculative`: a `Speculation` (draft model or prompt lookup) to decode with
+    speculative decoding: the same output distribution (greedy: the same tokens), fewer target steps.
     """
     params = _params(params, kwargs, model)
+    speculative = _speculation(speculative, model, params)
     ids = fit_prompts(_encode_prompts(tokenizer, prompts), model.config.n_ctx, params.max_new_tokens, truncate)
     engine = _engine(model, engine, ids, params, compile)
-    with _EvalMode(model):
+    with _EvalMode(model, speculative):
         if params.num_beams > 1:
             from gptlab.infer.beam import beam_search
 
@@ -181,7 +212,7 @@ def generate(
                 raise ValueError("logprobs are not available with beam search (num_beams > 1)")
             return beam_search(engine, ids, params, tokenizer.eot_id, tokenizer)
         rows = make_rows(ids, params, tokenizer)
-        _run(engine, rows, tokenizer.eot_id)
+        _run(engine, rows, tokenizer.eot_id, speculative)
     return [r.completion() for r in rows]
 
 
@@ -194,6 +225,7 @@ def stream(
     truncate: bool = True,
     compile: bool = False,
     engine: InferenceEngine | None = None,
+    speculative: Speculation | None = None,
     **kwargs: Any,
 ) -> Iterator[str]:
     """Text deltas of one completion as tokens are generated; never splits a UTF-8 character, and
@@ -203,6 +235,7 @@ def stream(
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}")
     if params.n != 1 or params.num_beams != 1:
         raise ValueError("stream produces one completion: use n=1 and num_beams=1 (or generate())")
+    speculative = _speculation(speculative, model, params)
     ids = fit_prompts(_encode_prompts(tokenizer, prompt), model.config.n_ctx, params.max_new_tokens, truncate)
     rows = make_rows(ids, params, tokenizer)
     runner = _engine(model, engine, ids, params, compile)
@@ -211,8 +244,8 @@ def stream(
         tracker = rows[0].tracker
         assert tracker is not None
         try:
-            with _EvalMode(model):
-                for _ in decode_rows(runner, rows, tokenizer.eot_id):
+            with _EvalMode(model, speculative):
+                for _ in decode_rows(runner, rows, tokenizer.eot_id, speculative):
                     if text := tracker.delta():
                         yield text
         finally:  # also when the caller stops reading early
@@ -237,6 +270,7 @@ def generate_ids(
     truncate: bool = True,
     compile: bool = False,
     engine: InferenceEngine | None = None,
+    speculative: Speculation | None = None,
     **kwargs: Any,
 ) -> list[list[int]]:
     """Token-level generation: new ids per prompt (n per prompt, in order), the eos token excluded.
@@ -244,6 +278,7 @@ def generate_ids(
     Stop strings and logprobs need a tokenizer: use `generate`. An empty prompt needs `eos_id`.
     """
     params = _params(params, kwargs, model)
+    speculative = _speculation(speculative, model, params)
     if params.stop:
         raise ValueError("stop strings need a tokenizer; use generate() or stop on eos_id")
     prompts = [list(map(int, p)) for p in prompts]
@@ -256,13 +291,13 @@ def generate_ids(
             p.append(eos_id)
     prompts = fit_prompts(prompts, model.config.n_ctx, params.max_new_tokens, truncate)
     engine = _engine(model, engine, prompts, params, compile)
-    with _EvalMode(model):
+    with _EvalMode(model, speculative):
         if params.num_beams > 1:
             from gptlab.infer.beam import beam_search
 
             return [c.token_ids for c in beam_search(engine, prompts, params, eos_id, None)]
         rows = make_rows(prompts, params, None)
-        _run(engine, rows, eos_id)
+        _run(engine, rows, eos_id, speculative)
     return [r.ids for r in rows]
 
 
@@ -279,6 +314,17 @@ def cache_line(engine: InferenceEngine) -> str:
     )
 
 
+def speculation_line(engine: InferenceEngine) -> str:
+    """One line of the engine's speculative-decoding counters (`--verbose`)."""
+    s = engine.speculation
+    rate = s.accepted / s.drafted if s.drafted else 0.0
+    per_step = s.tokens / s.steps if s.steps else 0.0
+    return (
+        f"[speculative: {s.accepted} of {s.drafted} drafted tokens accepted ({100 * rate:.0f}%); "
+        f"{per_step:.2f} tokens per target step over {s.steps} row-steps]"
+    )
+
+
 def run_generate(
     model: GPT,
     tokenizer: TextTokenizer,
@@ -289,33 +335,42 @@ def run_generate(
     truncate: bool = True,
     compile: bool = False,
     verbose: bool = False,
+    speculative: Speculation | None = None,
     out: Any = None,
 ) -> int:
     """What `gptlab generate` does: stream one completion to `out` (stdout) as tokens arrive, print
     n completions / beams one after another, and with `interactive` read prompts from stdin. One
     engine serves the session, so prompts that start alike (a conversation) reuse cached blocks;
-    `verbose` prints its KV-cache and prefix-cache counters to stderr after each completion."""
+    `verbose` prints its KV-cache and prefix-cache counters (and with `speculative`, the acceptance
+    rate and tokens per target step) to stderr after each completion."""
     import sys
 
     out = out or sys.stdout
     params.validate()
     check_vocab(params, model.config.vocab_size)
+    speculative = _speculation(speculative, model, params)
     rows = max(params.n, params.num_beams)
     n_ctx = model.config.n_ctx
     engine = InferenceEngine(model, kv_cache_tokens=(rows + 1) * (n_ctx + 2 * BLOCK_SIZE), compile=compile)
 
     def complete(text: str) -> None:
         if params.n == 1 and params.num_beams == 1:
-            for delta in stream(model, tokenizer, text, params, truncate=truncate, engine=engine):
+            deltas = stream(model, tokenizer, text, params, truncate=truncate, engine=engine, speculative=speculative)
+            for delta in deltas:
                 out.write(delta)
                 out.flush()
             out.write("\n")
         else:
-            for i, c in enumerate(generate(model, tokenizer, text, params, truncate=truncate, engine=engine)):
+            completions = generate(
+                model, tokenizer, text, params, truncate=truncate, engine=engine, speculative=speculative
+            )
+            for i, c in enumerate(completions):
                 out.write(f"--- completion {i + 1} ({c.finish_reason}) ---\n{c.text}\n")
             out.flush()
         if verbose:
             print(cache_line(engine), file=sys.stderr, flush=True)
+            if speculative is not None:
+                print(speculation_line(engine), file=sys.stderr, flush=True)
 
     if prompt is not None:
         complete(prompt)

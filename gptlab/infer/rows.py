@@ -235,14 +235,19 @@ def advance(rows: Sequence[Row], logits: Tensor, eos_id: int | None, n_ctx: int)
         if row.done:
             continue
         try:
-            _record(row, token, eos_id, n_ctx, None if not want else (lp[b], top_v[b], top_i[b]))
+            record(row, token, eos_id, n_ctx, None if not want else (lp[b], top_v[b], top_i[b]))
+            if not row.done and row.seq is not None:
+                row.seq.tokens.append(token)
         except Exception as e:  # one row's bookkeeping (a tokenizer error, say) ends that row alone
             log.exception("row bookkeeping failed")
             row.fail(f"{type(e).__name__}: {e}")
     return tokens
 
 
-def _record(row: Row, token: int, eos_id: int | None, n_ctx: int, lp: tuple | None) -> None:
+def record(row: Row, token: int, eos_id: int | None, n_ctx: int, lp: tuple | None = None) -> None:
+    """Add one chosen token to `row` (its text, its logprobs from `lp` = (logprob, top values, top ids))
+    and finish the row on `eos_id`, a stop sequence, its token limit or the context's end. The row's
+    cache sequence is the caller's to extend."""
     if token == eos_id:
         row.finish_reason = "stop"
         return
@@ -260,5 +265,3 @@ def _record(row: Row, token: int, eos_id: int | None, n_ctx: int, lp: tuple | No
         row.finish_reason = "stop"
     elif len(row.ids) >= row.params.max_new_tokens or len(row.prompt) + len(row.ids) >= n_ctx:
         row.finish_reason = "length"
-    elif row.seq is not None:
-        row.seq.tokens.append(token)

@@ -1,0 +1,281 @@
+"""Speculative decoding: a cheap drafter proposes K tokens, the target model checks them in one forward.
+
+Each step every live row gets up to K draft tokens, from a smaller draft model with the same tokenizer
+(Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023,
+"Accelerating Large Language Model Decoding with Speculative Sampling") or by prompt lookup: the
+continuation of an earlier occurrence of the row's last n-gram (transformers' `prompt_lookup_num_tokens`,
+vLLM's ngram drafter). The target then computes the K + 1 positions of every row in one engine forward
+and keeps the longest acceptable prefix of the draft plus one token of its own, so a step yields 1 to
+K + 1 tokens. Rejected tokens are cut from the paged cache (`InferenceEngine.truncate`).
+
+Acceptance keeps the target's distribution exactly: with p and q the processed (penalties, temperature,
+top-k / top-p / min-p) distributions of target and drafter, a draft token x is accepted with probability
+min(1, p(x) / q(x)); the first rejected one is replaced by a draw from norm(max(0, p - q)); when all K
+are accepted a bonus token is drawn from the target's next distribution. Prompt lookup's draft is
+deterministic (q one-hot). Greedy rows accept a draft token iff it is the target's argmax, so greedy
+output is token for token the target's own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gptlab.infer.cache import BLOCK_SIZE
+from gptlab.infer.cache import Sequence as CacheSequence
+from gptlab.infer.engine import InferenceEngine
+from gptlab.infer.rows import Row, record
+from gptlab.infer.sampling import argmax, process_logits, sample_next, top_logprobs
+from gptlab.model import GPT
+
+log = logging.getLogger("gptlab.infer")
+
+BROKEN = "the model's next-token scores are not finite numbers (NaN or infinite)"
+
+
+@dataclass
+class Speculation:
+    """How to draft tokens for speculative decoding: a `draft` model or `prompt_lookup` n-grams."""
+
+    draft: GPT | None = None
+    """A smaller model with the target's tokenizer (the same vocabulary) that proposes the tokens."""
+    prompt_lookup: int = 0
+    """Without a draft model: match the sequence's last n-gram (n = this, down to 1) earlier in the
+    prompt and generated text, and propose the tokens that followed it; 0 disables."""
+    num_tokens: int = 4
+    """Tokens drafted per step (K); the target verifies K + 1 positions per row in one forward."""
+
+    def validate(self, model: GPT | None = None) -> Speculation:
+        """Raise ValueError naming what is wrong (against target `model` when given); returns self."""
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
+            raise ValueError(f"Speculation.num_tokens must be an integer >= 1, got {self.num_tokens!r}")
+        lookup = self.prompt_lookup
+        if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
+            raise ValueError(f"Speculation.prompt_lookup must be an integer >= 0 (0 disables), got {lookup!r}")
+        if (self.draft is None) == (lookup == 0):
+            raise ValueError("speculative decoding needs exactly one drafter: a draft model or prompt_lookup > 0")
+        if self.draft is not None and model is not None:
+            if self.draft is model:
+                raise ValueError("the draft model is the target itself; use a smaller model or prompt_lookup")
+            ours, theirs = self.draft.config.vocab_size, model.config.vocab_size
+            if ours != theirs:
+                raise ValueError(
+                    f"the draft model's vocabulary has {ours} tokens and the target's {theirs}: "
+                    "a draft model must share the target's tokenizer"
+                )
+        return self
+
+
+def acceptance(p: Tensor, q: Tensor) -> Tensor:
+    """Probability of keeping a draft token that the target gives probability p and the drafter q."""
+    return (p / q).clamp(max=1.0)
+
+
+def lookup(tokens: Sequence[int], n: int, k: int) -> list[int]:
+    """Up to `k` tokens that followed the first earlier occurrence of `tokens`' last m-gram, trying
+    m = n down to 1 (transformers' prompt lookup); [] when none occurs."""
+    if k < 1 or len(tokens) < 2:
+        return []
+    seq = np.asarray(tokens, dtype=np.int64)
+    for m in range(min(n, len(seq) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], m)  # every m-gram but the last
+        hits = np.flatnonzero((windows == seq[-m:]).all(axis=1))
+        if len(hits):
+            start = int(hits[0]) + m
+            return seq[start : start + k].tolist()
+    return []
+
+
+class Speculator:
+    """Speculative steps for the rows of `engine`: drafting, one verification forward, acceptance, and
+    the draft model's own engine and sequences (`close` gives them back)."""
+
+    def __init__(self, engine: InferenceEngine, speculation: Speculation, rows: Sequence[Row] = ()) -> None:
+        self.engine, self.spec = engine, speculation.validate(engine.model)
+        self.draft_engine: InferenceEngine | None = None
+        self.drafts: dict[Row, CacheSequence] = {}
+        if speculation.draft is not None:
+            # every row's prompt and tokens, plus the blocks copy-on-write and truncation may take
+            tokens = sum(len(r.prompt) + r.params.max_new_tokens + 3 * BLOCK_SIZE for r in rows)
+            tokens = max(tokens, speculation.draft.config.n_ctx + 3 * BLOCK_SIZE)
+            self.draft_engine = InferenceEngine(speculation.draft, kv_cache_tokens=tokens)
+
+    def release(self, row: Row) -> None:
+        """Give back the draft sequence of a row that finished."""
+        seq = self.drafts.pop(row, None)
+        if seq is not None and self.draft_engine is not None:
+            self.draft_engine.free(seq)
+
+    def close(self) -> None:
+        for row in list(self.drafts):
+            self.release(row)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self, rows: Sequence[Row], eos_id: int | None) -> None:
+        """Advance every row (live, its last token appended and not yet computed) by 1 to K + 1 tokens."""
+        n_ctx = self.engine.model.config.n_ctx
+        # a step records up to K + 1 tokens: one fewer drafts than the row may still take
+        budget = [
+            min(self.spec.num_tokens + 1, r.params.max_new_tokens - len(r.ids), n_ctx - len(r.seq.tokens)) - 1
+            for r in rows
+        ]
+        drafts, q_logits = self._draft(rows, [max(b, 0) for b in budget])
+        base = [len(r.seq.tokens) for r in rows]
+        for r, d in zip(rows, drafts, strict=True):
+            r.seq.tokens.extend(d)
+        logits = self.engine.forward([r.seq for r in rows], [len(d) + 1 for d in drafts])  # (sum(K_b + 1), V)
+        p_logits = self._process(logits, rows, drafts)
+        broken = ~torch.isfinite(p_logits.amax(1))
+        p_logits = p_logits.masked_fill(broken[:, None], 0.0)
+        greedy = argmax(p_logits).tolist()
+        probs = p_logits.softmax(-1) if not all(r.params.greedy for r in rows) else None
+        broken_at = broken.tolist()
+        stats = self.engine.speculation
+        offset, chosen = 0, []
+        for b, (row, d) in enumerate(zip(rows, drafts, strict=True)):
+            positions = range(offset, offset + len(d) + 1)
+            tokens, failed = self._accept(row, d, q_logits[b], positions, probs, greedy, broken_at)
+            chosen.append((tokens, failed, positions))
+            stats.steps += 1
+            stats.drafted += len(d)
+            stats.accepted += len(tokens) - (not failed)
+            offset += len(d) + 1
+        want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+        lps: list[tuple | None] = [None] * len(rows)
+        if want:
+            for b, (row, (tokens, _, positions)) in enumerate(zip(rows, chosen, strict=True)):
+                if row.params.logprobs is not None and tokens:
+                    at = logits[positions.start : positions.start + len(tokens)]
+                    chosen_ids = torch.tensor(tokens, device=at.device)
+                    lp, top_v, top_i = (t.tolist() for t in top_logprobs(at, chosen_ids, max(want)))
+                    lps[b] = [(lp[j], top_v[j], top_i[j]) for j in range(len(tokens))]
+        for b, (row, (tokens, failed, _)) in enumerate(zip(rows, chosen, strict=True)):
+            kept = len(tokens) - (not failed)  # draft tokens accepted: their keys and values stay cached
+            self.engine.truncate(row.seq, base[b] + kept)
+            try:
+                for j, token in enumerate(tokens):
+                    record(row, token, eos_id, n_ctx, lps[b][j] if lps[b] else None)
+                    stats.tokens += 1
+                    if row.done:
+                        break
+                else:
+                    if failed:
+                        row.fail(BROKEN)
+                    else:
+                        row.seq.tokens.append(tokens[-1])
+            except Exception as e:  # one row's bookkeeping (a tokenizer error, say) ends that row alone
+                log.exception("row bookkeeping failed")
+                row.fail(f"{type(e).__name__}: {e}")
+
+    def _accept(
+        self,
+        row: Row,
+        draft: list[int],
+        q_logits: Tensor | None,
+        positions: range,
+        probs: Tensor | None,
+        greedy: list[int],
+        broken: list[bool],
+    ) -> tuple[list[int], bool]:
+        """The tokens a row keeps: accepted draft tokens then the target's own (corrected or bonus), or
+        (failed) the accepted ones up to a position whose logits cannot be sampled."""
+        out: list[int] = []
+        g = row.generator
+        for j, at in enumerate(positions):
+            if broken[at]:
+                return out, True
+            if row.params.greedy:
+                if j < len(draft) and draft[j] == greedy[at]:
+                    out.append(draft[j])
+                    continue
+                out.append(greedy[at])
+                return out, False
+            assert probs is not None
+            p = probs[at]
+            if j == len(draft):  # every draft token accepted: a bonus token from the target
+                out.append(int(torch.multinomial(p, 1, generator=g)))
+                return out, False
+            x = draft[j]
+            q = q_logits[j].softmax(-1) if q_logits is not None else None
+            u = torch.rand((), generator=g, device=p.device)
+            if u < acceptance(p[x], q[x] if q is not None else p.new_ones(())):
+                out.append(x)
+                continue
+            if q is not None:
+                residual = (p - q).clamp(min=0)
+            else:  # q one-hot at x: p without x
+                residual = p.clone()
+                residual[x] = 0
+            if not residual.sum() > 0:  # p == q up to rounding: any draw from p is exact
+                residual = p
+            out.append(int(torch.multinomial(residual, 1, generator=g)))
+            return out, False
+        raise AssertionError("unreachable: the last position always decides")
+
+    def _process(self, logits: Tensor, rows: Sequence[Row], drafts: list[list[int]]) -> Tensor:
+        """Processed logits of every verified position: penalties see the draft tokens before it."""
+        params = [r.params for r, d in zip(rows, drafts, strict=True) for _ in range(len(d) + 1)]
+        history = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params)
+        generated = (
+            [r.ids + d[:j] for r, d in zip(rows, drafts, strict=True) for j in range(len(d) + 1)]
+            if history
+            else [[]] * len(params)
+        )
+        prompts = None
+        if any(p.repetition_penalty != 1 for p in params):
+            prompts = [r.prompt for r, d in zip(rows, drafts, strict=True) for _ in range(len(d) + 1)]
+        return process_logits(logits, generated, params, prompts)
+
+    # ---- drafting ----------------------------------------------------------------------------
+    def _draft(self, rows: Sequence[Row], budget: list[int]) -> tuple[list[list[int]], list[Tensor | None]]:
+        """Draft tokens per row (at most its budget) and, from a draft model, their processed logits
+        (K_b, V) (None: prompt lookup, a deterministic draft)."""
+        if self.spec.prompt_lookup:
+            drafts = [lookup(r.seq.tokens, self.spec.prompt_lookup, k) for r, k in zip(rows, budget, strict=True)]
+            return drafts, [None] * len(rows)
+        assert self.draft_engine is not None
+        draft_ctx = self.draft_engine.model.config.n_ctx
+        budget = [min(k, draft_ctx - len(r.seq.tokens) + 1) for r, k in zip(rows, budget, strict=True)]
+        drafts: list[list[int]] = [[] for _ in rows]
+        q: list[list[Tensor]] = [[] for _ in rows]
+        active = [b for b, k in enumerate(budget) if k > 0]
+        seqs = {b: self._synced(rows[b]) for b in active}
+        while active:
+            logits = self.draft_engine.forward([seqs[b] for b in active])
+            chosen_rows = [rows[b] for b in active]
+            params = [r.params for r in chosen_rows]
+            prompts = [r.prompt for r in chosen_rows] if any(p.repetition_penalty != 1 for p in params) else None
+            processed = process_logits(logits, [rows[b].ids + drafts[b] for b in active], params, prompts)
+            broken = ~torch.isfinite(processed.amax(1))
+            processed = processed.masked_fill(broken[:, None], 0.0)
+            tokens = sample_next(processed, params, [r.generator for r in chosen_rows]).tolist()
+            still = []
+            for i, b in enumerate(active):
+                if broken[i]:  # a draft that cannot be sampled proposes nothing more
+                    continue
+                drafts[b].append(tokens[i])
+                q[b].append(processed[i])
+                if len(drafts[b]) < budget[b]:
+                    seqs[b].tokens.append(tokens[i])
+                    still.append(b)
+            active = still
+        return drafts, [torch.stack(x) if x else None for x in q]
+
+    def _synced(self, row: Row) -> CacheSequence:
+        """The row's draft sequence holding the row's tokens, its cache kept as far as they agree."""
+        assert self.draft_engine is not None
+        target = row.seq.tokens
+        seq = self.drafts.get(row)
+        if seq is None:
+            seq = self.drafts[row] = self.draft_engine.sequence(target)
+            return seq
+        agree = min(len(seq.tokens), len(target))
+        same = next((i for i, (a, b) in enumerate(zip(seq.tokens, target)) if a != b), agree)
+        self.draft_engine.truncate(seq, min(same, len(target) - 1))  # at least one token left to compute
+        seq.tokens.extend(target[len(seq.tokens) :])
+        return seq
