@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 
 import pytest
@@ -289,3 +290,46 @@ def test_speculative_sampling_has_the_targets_distribution(tiny_vocab, drafter, 
     # negative control: keeping every draft token gives the drafter's distribution, which the test sees
     monkeypatch.setattr(speculative_module, "acceptance", lambda p, q: torch.ones(()))
     assert min(p_values()) < 1e-6
+
+
+# ---- with constrained decoding: drafts are checked against the grammar ---------------------------------
+@pytest.mark.parametrize("drafter", ["draft", "lookup"])
+def test_constrained_greedy_speculative_output_is_the_constrained_targets(byte_tokenizer, drafter):
+    pytest.importorskip("llguidance", reason="constrained decoding needs llguidance: pip install 'gptlab[structured]'")
+    import re
+
+    from gptlab.infer.constrain import Constraint
+
+    target = peaked_model(vocab_size=257)
+    spec = Speculation(draft=noisy_copy(target, 1.5), num_tokens=4) if drafter == "draft" else Speculation(
+        prompt_lookup=3, num_tokens=5)
+    pattern = "(ab|ba|[a-c]{3}){1,8}!"
+    prompts = ["abcabcab", "ba ba ba", "x"]
+    params = SamplingParams(max_new_tokens=40, temperature=0, constraint=Constraint.regex(pattern))
+    want = generate(target, byte_tokenizer, prompts, params)
+    engine = InferenceEngine(target, kv_cache_tokens=2048)
+    got = generate(target, byte_tokenizer, prompts, params, engine=engine, speculative=spec)
+    assert [c.text for c in got] == [c.text for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    assert any(re.fullmatch(pattern, c.text) for c in got)
+    assert engine.speculation.accepted > 0
+    engine.pool.check()
+
+
+def test_constrained_speculative_samples_validate(gpt2_tokenizer):
+    pytest.importorskip("llguidance", reason="constrained decoding needs llguidance: pip install 'gptlab[structured]'")
+    jsonschema = pytest.importorskip("jsonschema")
+    from gptlab.infer.constrain import Constraint
+
+    torch.manual_seed(0)
+    target = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=256, vocab_size=gpt2_tokenizer.vocab_size)).eval()
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}  # fmt: skip
+    params = SamplingParams(max_new_tokens=48, temperature=1.0, n=12, seed=0, constraint=Constraint.json_schema(schema))
+    for spec in (Speculation(draft=noisy_copy(target, 0.3), num_tokens=3), Speculation(prompt_lookup=2)):
+        out = generate(target, gpt2_tokenizer, 'Answer {"n": 1, "ok": true}:', params, speculative=spec)
+        for c in out:
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.text), schema)
+        assert sum(c.finish_reason == "stop" for c in out) >= len(out) // 2

@@ -203,11 +203,17 @@ class TokenMatcher:
 def mask_logits(logits: Tensor, matchers: Sequence[TokenMatcher | None]) -> Tensor:
     """`logits` (B, V) with every token row b's grammar forbids set to -inf; rows without a matcher are
     left as they are."""
+    V = logits.shape[1]
+    return apply_masks(logits, [m.allowed(V) if m is not None else None for m in matchers])
+
+
+def apply_masks(logits: Tensor, allowed: Sequence[np.ndarray | None]) -> Tensor:
+    """`logits` (B, V) with -inf wherever row b's `allowed[b]` (V,) bool mask is False (None: no mask)."""
     B, V = logits.shape
-    rows = [b for b, m in enumerate(matchers) if m is not None]
-    if not rows:
+    if all(a is None for a in allowed):
         return logits
-    allowed = np.ones((B, V), dtype=bool)
-    for b in rows:
-        allowed[b] = matchers[b].allowed(V)
-    return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+    keep = np.ones((B, V), dtype=bool)
+    for b, a in enumerate(allowed):
+        if a is not None:
+            keep[b] = a
+    return logits.masked_fill(~torch.from_numpy(keep).to(logits.device), float("-inf"))

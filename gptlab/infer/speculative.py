@@ -28,6 +28,7 @@ from torch import Tensor
 
 from gptlab.infer.cache import BLOCK_SIZE
 from gptlab.infer.cache import Sequence as CacheSequence
+from gptlab.infer.constrain import apply_masks
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.rows import Row, record
 from gptlab.infer.sampling import argmax, process_logits, sample_next, top_logprobs
@@ -124,12 +125,14 @@ class Speculator:
             min(self.spec.num_tokens + 1, r.params.max_new_tokens - len(r.ids), n_ctx - len(r.seq.tokens)) - 1
             for r in rows
         ]
-        drafts, q_logits = self._draft(rows, [max(b, 0) for b in budget])
+        drafts, q_logits, masks = self._draft(rows, [max(b, 0) for b in budget], eos_id)
         base = [len(r.seq.tokens) for r in rows]
         for r, d in zip(rows, drafts, strict=True):
             r.seq.tokens.extend(d)
         logits = self.engine.forward([r.seq for r in rows], [len(d) + 1 for d in drafts])  # (sum(K_b + 1), V)
-        p_logits = self._process(logits, rows, drafts)
+        allowed = [m for r, d, row_masks in zip(rows, drafts, masks, strict=True)
+                   for m in (row_masks if row_masks is not None else [None] * (len(d) + 1))]  # fmt: skip
+        p_logits = self._process(apply_masks(logits, allowed), rows, drafts)
         broken = ~torch.isfinite(p_logits.amax(1))
         p_logits = p_logits.masked_fill(broken[:, None], 0.0)
         greedy = argmax(p_logits).tolist()
@@ -157,6 +160,8 @@ class Speculator:
         for b, (row, (tokens, failed, _)) in enumerate(zip(rows, chosen, strict=True)):
             kept = len(tokens) - (not failed)  # draft tokens accepted: their keys and values stay cached
             self.engine.truncate(row.seq, base[b] + kept)
+            if row.matcher is not None:  # the grammar walked the whole draft; `record` walks what is kept
+                row.matcher.rollback(sum(t != eos_id for t in drafts[b]))
             try:
                 for j, token in enumerate(tokens):
                     record(row, token, eos_id, n_ctx, lps[b][j] if lps[b] else None)
@@ -232,12 +237,27 @@ class Speculator:
         return process_logits(logits, generated, params, prompts)
 
     # ---- drafting ----------------------------------------------------------------------------
-    def _draft(self, rows: Sequence[Row], budget: list[int]) -> tuple[list[list[int]], list[Tensor | None]]:
-        """Draft tokens per row (at most its budget) and, from a draft model, their processed logits
-        (K_b, V) (None: prompt lookup, a deterministic draft)."""
+    def _draft(
+        self, rows: Sequence[Row], budget: list[int], eos_id: int | None
+    ) -> tuple[list[list[int]], list[Tensor | None], list[list[np.ndarray] | None]]:
+        """Draft tokens per row (at most its budget); from a draft model their processed logits (K_b, V)
+        (None: prompt lookup, a deterministic draft); and for a constrained row the grammar's masks at its
+        K_b + 1 verified positions (the row's matcher is left past the draft: `step` rolls it back).
+        A draft ends at end-of-text, and a constrained row drafts only what its grammar accepts."""
+        V = self.engine.model.config.vocab_size
+        masks: list[list[np.ndarray] | None] = [[] if r.matcher is not None else None for r in rows]
         if self.spec.prompt_lookup:
             drafts = [lookup(r.seq.tokens, self.spec.prompt_lookup, k) for r, k in zip(rows, budget, strict=True)]
-            return drafts, [None] * len(rows)
+            for b, (row, d) in enumerate(zip(rows, drafts, strict=True)):
+                if eos_id in d:
+                    del d[d.index(eos_id) + 1 :]
+                if row.matcher is not None:
+                    del d[row.matcher.accepted_prefix([t for t in d if t != eos_id]) :]
+                    for t in d:
+                        masks[b].append(row.matcher.allowed(V))
+                        if t != eos_id:
+                            row.matcher.consume(t)
+            return drafts, [None] * len(rows), self._last_masks(rows, masks, V)
         assert self.draft_engine is not None
         draft_ctx = self.draft_engine.model.config.n_ctx
         budget = [min(k, draft_ctx - len(r.seq.tokens) + 1) for r, k in zip(rows, budget, strict=True)]
@@ -246,8 +266,9 @@ class Speculator:
         active = [b for b, k in enumerate(budget) if k > 0]
         seqs = {b: self._synced(rows[b]) for b in active}
         while active:
-            logits = self.draft_engine.forward([seqs[b] for b in active])
             chosen_rows = [rows[b] for b in active]
+            step_masks = [r.matcher.allowed(V) if r.matcher is not None else None for r in chosen_rows]
+            logits = apply_masks(self.draft_engine.forward([seqs[b] for b in active]), step_masks)
             params = [r.params for r in chosen_rows]
             prompts = [r.prompt for r in chosen_rows] if any(p.repetition_penalty != 1 for p in params) else None
             processed = process_logits(logits, [rows[b].ids + drafts[b] for b in active], params, prompts)
@@ -260,11 +281,23 @@ class Speculator:
                     continue
                 drafts[b].append(tokens[i])
                 q[b].append(processed[i])
-                if len(drafts[b]) < budget[b]:
+                if step_masks[i] is not None:
+                    masks[b].append(step_masks[i])
+                    if tokens[i] != eos_id:
+                        rows[b].matcher.consume(tokens[i])
+                if len(drafts[b]) < budget[b] and tokens[i] != eos_id:
                     seqs[b].tokens.append(tokens[i])
                     still.append(b)
             active = still
-        return drafts, [torch.stack(x) if x else None for x in q]
+        return drafts, [torch.stack(x) if x else None for x in q], self._last_masks(rows, masks, V)
+
+    @staticmethod
+    def _last_masks(rows: Sequence[Row], masks: list[list[np.ndarray] | None], vocab: int) -> list:
+        """Each constrained row's masks completed with the one after its whole draft."""
+        for row, m in zip(rows, masks, strict=True):
+            if m is not None:
+                m.append(row.matcher.allowed(vocab))
+        return masks
 
     def _synced(self, row: Row) -> CacheSequence:
         """The row's draft sequence holding the row's tokens, its cache kept as far as they agree."""
