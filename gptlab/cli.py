@@ -401,11 +401,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     option("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
     option("--device", type=_device, default="cpu", help="torch device")
     option("--verbose", action="store_true", help="print KV-cache and prefix-cache counters after each completion")
-    option("--draft", default=None, metavar="CKPT", help="speculative decoding: a smaller draft model, same tokenizer")
-    option("--prompt-lookup", type=int, default=0, metavar="N",
-           help="speculative decoding, no draft model: propose what followed the last N-gram before")  # fmt: skip
-    option("--speculative-tokens", type=int, default=None, metavar="K",
-           help="tokens drafted per step (default 4; needs --draft or --prompt-lookup)")  # fmt: skip
+    _add_speculative_options(p)
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.infer.generate import run_generate
@@ -418,6 +414,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             num_beams=args.beams, length_penalty=args.length_penalty, stop=args.stop, seed=args.seed,
             logit_bias=dict(args.logit_bias), constraint=_constraint(args),
         ).validate()
+        _check_speculative_options(args)
         model, tokenizer = load_for_generation(
             args.checkpoint, dtype=args.dtype, quantize=args.quantize, device=args.device,
             tokenizer=args.tokenizer, pack=not args.compile,
@@ -448,16 +445,28 @@ def _constraint(args: argparse.Namespace) -> Any:
     return None
 
 
+def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (the same output distribution in fewer target steps)")
+    g.add_argument("--draft", default=None, metavar="CKPT", help="a smaller draft model with the same tokenizer")
+    g.add_argument("--prompt-lookup", type=_positive_int, default=0, metavar="N",
+                   help="no draft model: propose what followed the last N-gram (down to 1) earlier in the text")
+    g.add_argument("--speculative-tokens", type=_positive_int, default=None, metavar="K",
+                   help="tokens drafted per step (default 4; needs --draft or --prompt-lookup)")  # fmt: skip
+
+
+def _check_speculative_options(args: argparse.Namespace) -> None:
+    if args.draft is None and not args.prompt_lookup and args.speculative_tokens is not None:
+        raise CLIError("--speculative-tokens needs a drafter: --draft CKPT or --prompt-lookup N")
+    if args.draft is not None and args.prompt_lookup:
+        raise CLIError("choose one drafter: --draft CKPT or --prompt-lookup N, not both")
+
+
 def _speculation(args: argparse.Namespace, model: Any) -> Any:
     """The `Speculation` of --draft / --prompt-lookup / --speculative-tokens, or None."""
     from gptlab.infer.speculative import Speculation
 
     if args.draft is None and not args.prompt_lookup:
-        if args.speculative_tokens is not None:
-            raise CLIError("--speculative-tokens needs a drafter: --draft CKPT or --prompt-lookup N")
         return None
-    if args.draft is not None and args.prompt_lookup:
-        raise CLIError("choose one drafter: --draft CKPT or --prompt-lookup N, not both")
     draft = None
     if args.draft is not None:
         from gptlab.infer.prepare import load_for_generation
@@ -551,6 +560,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--no-prefix-caching", dest="prefix_caching", action="store_false",
         help="do not reuse the cached keys and values of prompts that start alike",
     )
+    _add_speculative_options(p)
     seconds = _positive_float
     p.add_argument(
         "--keep-alive-timeout", type=seconds, default=conn.keep_alive_timeout, metavar="SECONDS",
@@ -585,6 +595,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
             max_tokens=args.max_tokens_limit, max_n=args.max_n,
         )
+        _check_speculative_options(args)
         serve(
             args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
             max_concurrent=args.max_concurrent, max_queue=args.max_queue, device=args.device,
@@ -595,6 +606,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                 max_connections=args.max_connections,
             ),
             allowed_hosts=args.allowed_host, cors_origins=args.cors_origin,
+            draft=args.draft, prompt_lookup=args.prompt_lookup, speculative_tokens=args.speculative_tokens,
         )
         return 0
 

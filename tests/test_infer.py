@@ -18,6 +18,7 @@ from gptlab.infer.cache import OutOfBlocks
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.generate import generate_ids
 from gptlab.infer.sampling import SamplingParams
+from gptlab.infer.speculative import Speculation
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -201,6 +202,18 @@ def server_model():
     return model
 
 
+def _noisy(model: GPT) -> GPT:
+    """A draft model that agrees with `model` on some tokens, not all."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.7 * p.abs().mean())
+    return draft
+
+
 PREFIX = list(b"You are a helpful assistant. ")  # shared by some prompts: prefix hits while others run
 
 
@@ -216,18 +229,27 @@ PREFIX = list(b"You are a helpful assistant. ")  # shared by some prompts: prefi
         max_size=30,
     )
 )
-def test_scheduler_interleavings_give_every_request_its_tokens_alone(server_model, byte_tokenizer, ops):
+@pytest.mark.parametrize("drafter", [None, "draft", "lookup"])
+def test_scheduler_interleavings_give_every_request_its_tokens_alone(server_model, byte_tokenizer, drafter, ops):
     """Admission, growth, completion, cancellation and preemption in random order with a pool of 14
     blocks of 4 tokens: every request that was not cancelled gets exactly the tokens it gets alone, and
-    the pool is whole again at the end."""
+    the pool is whole again at the end. With speculative decoding (several tokens a step, rejected ones
+    rolled back) greedy requests get the tokens of plain decoding alone; sampled ones draw from the
+    same distribution but not the same draws after a preemption, so they run greedy here."""
     from gptlab.serve.engine import Engine
 
-    engine = Engine(server_model, byte_tokenizer, max_concurrent=4, max_queue=100, kv_cache_tokens=56, block_size=4)
+    spec = None
+    if drafter is not None:
+        spec = Speculation(draft=_noisy(server_model), num_tokens=3) if drafter == "draft" else Speculation(
+            prompt_lookup=2, num_tokens=3)
+    engine = Engine(server_model, byte_tokenizer, max_concurrent=4, max_queue=100, kv_cache_tokens=56, block_size=4,
+                    speculation=spec)  # fmt: skip
     prompts = [PREFIX[:13] + [65 + i] * (1 + i) for i in range(3)] + [[66 + i] * (2 + 2 * i) for i in range(3)]
     jobs, cancelled, loop = [], set(), _Loop()
     for op in ops:
         if op[0] == "submit":
             _, which, new, n, sampled = op
+            sampled = sampled and spec is None
             params = SamplingParams(max_new_tokens=new, n=n, temperature=0.9 if sampled else 0, seed=len(jobs))
             jobs.append((engine.submit([prompts[which]], params, loop=loop), prompts[which], params))
         elif op[0] == "step":
@@ -252,12 +274,20 @@ def test_scheduler_interleavings_give_every_request_its_tokens_alone(server_mode
         assert [got[i] for i in range(params.n)] == alone
     engine.pool.check()
     assert engine.pool.in_use == 0, "a block leaked"
+    if spec is not None and spec.draft is not None:
+        assert engine.speculator.draft_engine.pool.in_use == 0, "a draft block leaked"
 
 
-def test_a_full_pool_preempts_and_resumes_with_the_same_tokens(server_model, byte_tokenizer):
+@pytest.mark.parametrize("drafter", [None, "draft", "lookup"])
+def test_a_full_pool_preempts_and_resumes_with_the_same_tokens(server_model, byte_tokenizer, drafter):
     from gptlab.serve.engine import Engine
 
-    engine = Engine(server_model, byte_tokenizer, max_concurrent=4, max_queue=10, kv_cache_tokens=40, block_size=4)
+    spec = None
+    if drafter is not None:
+        spec = Speculation(draft=_noisy(server_model), num_tokens=4) if drafter == "draft" else Speculation(
+            prompt_lookup=2, num_tokens=4)
+    engine = Engine(server_model, byte_tokenizer, max_concurrent=4, max_queue=10, kv_cache_tokens=40, block_size=4,
+                    speculation=spec)  # fmt: skip
     loop, params = _Loop(), SamplingParams(max_new_tokens=20, temperature=0)
     prompts = [[70 + i] * 6 for i in range(4)]
     jobs = [engine.submit([p], params, loop=loop) for p in prompts]
@@ -270,6 +300,9 @@ def test_a_full_pool_preempts_and_resumes_with_the_same_tokens(server_model, byt
     for job, prompt in zip(jobs, prompts, strict=True):
         assert _drain(job)[0] == generate_ids(server_model, [prompt], params, eos_id=256)[0]
     assert engine.pool.in_use == 0
+    if spec is not None:
+        stats = engine.stats()["speculative"]
+        assert 0 < stats["accepted"] <= stats["drafted"] and stats["tokens_per_step"] > 1, stats
 
 
 def test_a_request_larger_than_the_pool_is_refused_naming_the_limit(server_model, byte_tokenizer):

@@ -333,3 +333,100 @@ def test_constrained_speculative_samples_validate(gpt2_tokenizer):
             if c.finish_reason == "stop":
                 jsonschema.validate(json.loads(c.text), schema)
         assert sum(c.finish_reason == "stop" for c in out) >= len(out) // 2
+
+
+# ---- the server ------------------------------------------------------------------------------------------
+def test_server_with_speculative_decoding_answers_like_plain_decoding(byte_tokenizer):
+    """Concurrent greedy requests through the official client: the target's own completions (blocking
+    and streamed), and /health reports acceptance and tokens per step."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import concurrent.futures
+
+    import httpx
+
+    from gptlab.serve.app import create_app, serve_in_thread
+
+    target = peaked_model(vocab_size=257, n_ctx=128)
+    prompts = ["abcabcabc", "the cat the cat", "xyz", "hello hello"]
+    want = [c.text for c in generate(target, byte_tokenizer, prompts, max_new_tokens=24, temperature=0)]
+    for spec in (Speculation(draft=noisy_copy(target, 1.5), num_tokens=4), Speculation(prompt_lookup=3)):
+        app = create_app(target, byte_tokenizer, model_name="t", max_concurrent=3, speculation=spec)
+        with serve_in_thread(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+
+            def complete(prompt: str) -> str:
+                return client.completions.create(model="t", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(complete, prompts))
+            assert got == want
+            chunks = client.completions.create(model="t", prompt=prompts[0], max_tokens=24, temperature=0, stream=True)
+            assert "".join(c.choices[0].text for c in chunks) == want[0]
+            health = httpx.get(url + "/health").json()
+            scraped = httpx.get(url + "/metrics").text
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f.samples[0].value for f in text_string_to_metric_families(scraped)}
+        assert families["gptlab_speculative_acceptance_rate"] == health["speculative"]["acceptance_rate"]
+        assert families["gptlab_speculative_drafted_tokens"] == health["speculative"]["drafted"]
+        stats = health["speculative"]
+        assert stats["num_tokens"] == spec.num_tokens and stats["drafted"] > 0
+        assert 0 < stats["acceptance_rate"] <= 1 and 1 < stats["tokens_per_step"] <= spec.num_tokens + 1
+        assert health["kv_cache"]["blocks_in_use"] == 0
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+def test_cli_generate_and_serve_take_the_speculative_options(tmp_path, byte_tokenizer, monkeypatch, capsys):
+    from gptlab.checkpoint import save_model
+    from gptlab.cli import main
+
+    target = peaked_model(vocab_size=257, n_ctx=128)
+    save_model(target, tmp_path / "target", tokenizer=byte_tokenizer)
+    save_model(noisy_copy(target, 1.5), tmp_path / "draft", tokenizer=byte_tokenizer)
+    base = ["generate", str(tmp_path / "target"), "abcabcabc", "--temperature", "0", "--max-new-tokens", "24"]
+    assert main(base) == 0
+    want = capsys.readouterr().out
+    for extra in (["--draft", str(tmp_path / "draft"), "--speculative-tokens", "3"], ["--prompt-lookup", "3"]):
+        assert main([*base, *extra, "--verbose"]) == 0
+        out = capsys.readouterr()
+        assert out.out == want
+        assert "[speculative:" in out.err and "drafted tokens accepted" in out.err, out.err
+    assert main([*base, "--speculative-tokens", "3"]) == 2
+    assert "needs a drafter" in capsys.readouterr().err
+    assert main([*base, "--draft", str(tmp_path / "draft"), "--prompt-lookup", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    small_vocab = peaked_model(vocab_size=100)
+    save_model(small_vocab, tmp_path / "other", tokenizer=None)
+    assert main([*base, "--draft", str(tmp_path / "other")]) != 0
+    assert "share the target's tokenizer" in capsys.readouterr().err
+
+    import gptlab.serve.app as app_module
+
+    seen = {}
+    monkeypatch.setattr(app_module, "serve", lambda checkpoint, **kw: seen.update(kw))
+    draft = ["--draft", str(tmp_path / "draft"), "--speculative-tokens", "5"]
+    assert main(["serve", str(tmp_path / "target"), *draft]) == 0
+    assert seen["draft"] == str(tmp_path / "draft") and seen["speculative_tokens"] == 5 and seen["prompt_lookup"] == 0
+
+
+def test_serve_loads_the_draft_like_the_target(tmp_path, byte_tokenizer, monkeypatch):
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    from gptlab.checkpoint import save_model
+    from gptlab.serve.app import serve
+
+    target = peaked_model(vocab_size=257, n_ctx=128)
+    save_model(target, tmp_path / "target", tokenizer=byte_tokenizer)
+    save_model(noisy_copy(target, 1.5), tmp_path / "draft", tokenizer=byte_tokenizer)
+    served = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
+    threads = torch.get_num_threads()
+    try:
+        serve(tmp_path / "target", port=0, threads=1, draft=str(tmp_path / "draft"), speculative_tokens=3)
+    finally:
+        torch.set_num_threads(threads)
+    engine = served["app"].state.server.engine
+    assert engine.speculator.spec.num_tokens == 3 and engine.speculator.draft_engine is not None
+    assert engine.stats()["speculative"]["drafter"] == "draft model"

@@ -96,15 +96,27 @@ class Speculator:
     """Speculative steps for the rows of `engine`: drafting, one verification forward, acceptance, and
     the draft model's own engine and sequences (`close` gives them back)."""
 
-    def __init__(self, engine: InferenceEngine, speculation: Speculation, rows: Sequence[Row] = ()) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        speculation: Speculation,
+        rows: Sequence[Row] = (),
+        cache_tokens: int | None = None,
+    ) -> None:
+        """The draft model's KV pool holds `cache_tokens` (default: enough for `rows`)."""
         self.engine, self.spec = engine, speculation.validate(engine.model)
         self.draft_engine: InferenceEngine | None = None
         self.drafts: dict[Row, CacheSequence] = {}
         if speculation.draft is not None:
-            # every row's prompt and tokens, plus the blocks copy-on-write and truncation may take
-            tokens = sum(len(r.prompt) + r.params.max_new_tokens + 3 * BLOCK_SIZE for r in rows)
-            tokens = max(tokens, speculation.draft.config.n_ctx + 3 * BLOCK_SIZE)
+            if cache_tokens is None:  # every row's prompt and tokens, plus what copy-on-write and truncation take
+                cache_tokens = sum(len(r.prompt) + r.params.max_new_tokens + 3 * BLOCK_SIZE for r in rows)
+            tokens = max(cache_tokens, speculation.draft.config.n_ctx + 3 * BLOCK_SIZE)
             self.draft_engine = InferenceEngine(speculation.draft, kv_cache_tokens=tokens)
+
+    def summary(self) -> dict[str, object]:
+        """The drafter, K, and the engine's acceptance counters (the server's /health)."""
+        drafter = f"prompt lookup (n <= {self.spec.prompt_lookup})" if self.spec.prompt_lookup else "draft model"
+        return {"drafter": drafter, "num_tokens": self.spec.num_tokens, **self.engine.speculation.summary()}
 
     def release(self, row: Row) -> None:
         """Give back the draft sequence of a row that finished."""

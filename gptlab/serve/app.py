@@ -53,6 +53,7 @@ from gptlab.serve.protocol import (
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from gptlab.infer.speculative import Speculation
     from gptlab.model import GPT
 
 log = logging.getLogger("gptlab.serve")
@@ -86,11 +87,13 @@ def create_app(
     prefix_caching: bool = True,
     allowed_hosts: Iterable[str] = (),
     cors_origins: Iterable[str] = (),
+    speculation: "Speculation | None" = None,
 ) -> "FastAPI":
     """A FastAPI app serving `model`; its engine thread starts and stops with the app's lifespan.
 
     `allowed_hosts`: names a request's `Host` may give besides IP literals and localhost ('*': any).
     `cors_origins`: origins (`https://example.com`, or '*') whose pages may call the API from a browser.
+    `speculation`: decode with speculative decoding (a draft model or prompt lookup).
     """
     fastapi = _import_fastapi()
     from fastapi import Request
@@ -107,6 +110,7 @@ def create_app(
         max_queue=max_queue,
         kv_cache_tokens=kv_cache_tokens,
         prefix_caching=prefix_caching,
+        speculation=speculation,
     )
     server = Handlers(model, tokenizer, engine, model_name, limits or ServerLimits())
     from gptlab.serve.metrics import CONTENT_TYPE, ENDPOINTS, Metrics
@@ -295,12 +299,18 @@ def serve(
     connections: ConnectionLimits | None = None,
     allowed_hosts: Iterable[str] = (),
     cors_origins: Iterable[str] = (),
+    draft: str | None = None,
+    prompt_lookup: int = 0,
+    speculative_tokens: int | None = None,
 ) -> None:
     """Load `checkpoint` (and its tokenizer) and serve it with uvicorn until interrupted. On CPU the
     linear layers run on gptlab's decoding kernels (`generate.prepare_model`; quantize='int8': int8).
 
     `Host` may name the server by IP, localhost, `host` when it is a name, the machine's own names
-    when `host` is a wildcard (0.0.0.0, ::), or any of `allowed_hosts`."""
+    when `host` is a wildcard (0.0.0.0, ::), or any of `allowed_hosts`.
+
+    Speculative decoding: `draft` (a smaller checkpoint with the same tokenizer, loaded like the target)
+    or `prompt_lookup` n-grams, `speculative_tokens` (K) drafted per step."""
     _import_fastapi()
     import torch
     import uvicorn
@@ -334,6 +344,15 @@ def serve(
         raise ValueError(f"--quantize {quantize} runs on CPU; drop it or use --device cpu")
     if device == "cpu":
         prepare_model(model, quantize=quantize)
+    speculation = None
+    if draft is not None or prompt_lookup:
+        from gptlab.infer.speculative import Speculation
+
+        draft_model = load_model(draft, device=device, dtype=torch_dtype) if draft is not None else None
+        if draft_model is not None and device == "cpu":
+            prepare_model(draft_model, quantize=quantize)
+        k = speculative_tokens if speculative_tokens is not None else Speculation.num_tokens
+        speculation = Speculation(draft=draft_model, prompt_lookup=prompt_lookup, num_tokens=k).validate(model)
     tokenizer = load_tokenizer(checkpoint)
     name = model_name or os.path.basename(os.path.normpath(str(checkpoint)))
     app = create_app(
@@ -348,6 +367,7 @@ def serve(
         prefix_caching=prefix_caching,
         allowed_hosts=[*server_names(host), *allowed_hosts],
         cors_origins=cors_origins,
+        speculation=speculation,
     )
     kv = app.state.server.engine.stats()["kv_cache"]
     print(
@@ -356,6 +376,9 @@ def serve(
         f"prefix caching {'on' if prefix_caching else 'off'}",
         flush=True,
     )
+    if speculation is not None:
+        spec = app.state.server.engine.stats()["speculative"]
+        print(f"gptlab: speculative decoding: {spec['drafter']}, K = {spec['num_tokens']}", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", host)
     print(f"gptlab: serving {name!r} on http://{host}:{port} (playground at /, API at /v1)", flush=True)

@@ -11,6 +11,9 @@ of every row with that row's own `SamplingParams`; retires finished rows (their 
 ones stay cached for prefix hits); makes sure every row has a block for its next token, preempting
 the most recently admitted rows when the pool runs out (their blocks are freed and their tokens
 recomputed when they resume, usually from the prefix cache); then runs one batched decoding step.
+With speculative decoding (`speculation`) that step drafts and verifies up to K + 1 tokens a row
+(`gptlab.infer.speculative`, the code `generate` runs), and rows just admitted sample their first
+token from their prefill's logits.
 
 A fault in one row (a non-finite sample, a tokenizer error) ends that row's request alone; one in the
 shared step fails the requests in that step, and the loop carries on.
@@ -34,6 +37,7 @@ from gptlab.infer.cache import BLOCK_SIZE, OutOfBlocks
 from gptlab.infer.engine import InferenceEngine, default_cache_tokens
 from gptlab.infer.rows import Completion, Row, TokenLogprob, advance, make_rows, start
 from gptlab.infer.sampling import SamplingParams, top_logprobs
+from gptlab.infer.speculative import Speculation, Speculator
 from gptlab.model import GPT
 from gptlab.serve.jobs import Delta, Finished, Job, PromptLogprobs, QueueFull, deliver
 
@@ -82,7 +86,8 @@ class Engine:
     At most `max_concurrent` sequences decode together (a request with n samples uses n), as many as
     the KV pool of `kv_cache_tokens` tokens holds (default: what fits a quarter of the free memory,
     at most max_concurrent full contexts); up to `max_queue` requests wait beyond that, and `submit`
-    raises QueueFull past it.
+    raises QueueFull past it. `speculation`: decode with speculative decoding (a draft model or prompt
+    lookup); the draft model gets a KV pool of its own, as many tokens as the target's.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         prefix_caching: bool = True,
         block_size: int = BLOCK_SIZE,
+        speculation: Speculation | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
@@ -110,6 +116,12 @@ class Engine:
             model, kv_cache_tokens=kv_cache_tokens, prefix_caching=prefix_caching, block_size=block_size
         )
         self.pool = self.core.pool
+        self.speculator: Speculator | None = None
+        self._new_tokens = 1  # positions a row may compute in one step
+        if speculation is not None:
+            margin = max_concurrent * (speculation.num_tokens + 3 * block_size)
+            self.speculator = Speculator(self.core, speculation, cache_tokens=kv_cache_tokens + margin)
+            self._new_tokens = speculation.num_tokens + 1
         self._running: list[_Entry] = []
         self._logits: Tensor | None = None  # (len(running), V) next-token logits awaiting sampling
         self._pending: deque[_Group] = deque()
@@ -195,13 +207,16 @@ class Engine:
     def stats(self) -> dict[str, object]:
         with self._cond:
             waiting = len({id(g.job) for g in self._pending}) + len({id(e.group.job) for e in self._resume})
-        return dict(
+        out: dict[str, object] = dict(
             active=len(self._running),
             waiting=waiting,
             slots=self.max_concurrent,
             **self.counters,
             kv_cache=self.core.summary(),
         )
+        if self.speculator is not None:
+            out["speculative"] = self.speculator.summary()
+        return out
 
     # ---- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -225,8 +240,7 @@ class Engine:
             job.fail(message)
         self.counters["failed"] += len(jobs)
         for entry in self._running:
-            if entry.row.seq is not None:
-                self.core.free(entry.row.seq)
+            self._release(entry)
         self._running, self._logits = [], None
 
     def _flush(self) -> None:
@@ -247,6 +261,9 @@ class Engine:
         self._admit()
         if not self._running:
             return
+        if self.speculator is not None:
+            self._speculative_iteration(self.speculator)
+            return
         assert self._logits is not None
         self._sample()
         self._retire()
@@ -254,6 +271,29 @@ class Engine:
         if self._running:
             self._make_room()
         self._logits = self._decode() if self._running else None
+
+    def _speculative_iteration(self, speculator: Speculator) -> None:
+        """Rows admitted this iteration (the last ones, holding prefill logits) sample their first
+        token; the others take a speculative step of 1 to K + 1 tokens."""
+        fresh = len(self._logits) if self._logits is not None else 0
+        stepping = self._running[: len(self._running) - fresh]
+        before = sum(len(e.row.ids) for e in self._running)
+        if fresh:
+            advance([e.row for e in self._running[-fresh:]], self._logits, self.tokenizer.eot_id, self.max_len)
+        self._logits = None
+        live = [e for e in stepping if not e.gone]
+        if live:
+            self._make_room(keep=len(stepping))
+            still = set(live)
+            live = [e for e in self._running if e in still]
+        if live:
+            speculator.step([e.row for e in live], self.tokenizer.eot_id)
+        self.counters["tokens"] += sum(len(e.row.ids) for e in self._running) - before
+        self.counters["steps"] += 1
+        self.counters["max_batch"] = max(self.counters["max_batch"], len(self._running))
+        for entry in self._running:
+            self._send(entry)
+        self._retire()
 
     # ---- admission ---------------------------------------------------------------------------
     def _blocks_needed(self, prompt: int, n: int, new: int = 1) -> int:
@@ -440,28 +480,37 @@ class Engine:
         cancelled = {id(e.group.job): e.group.job for e in self._running if e.group.job.cancelled and not e.row.done}
         self.counters["cancelled"] += len(cancelled)
         for i, entry in enumerate(self._running):
-            if i not in keep and entry.row.seq is not None:
-                self.core.free(entry.row.seq)
-                entry.row.seq = None
+            if i not in keep:
+                self._release(entry)
         self._running = [self._running[i] for i in keep]
         if self._logits is not None:
             self._logits = self._logits[torch.tensor(keep, dtype=torch.long)] if keep else None
 
-    def _make_room(self) -> None:
-        """Every running row needs room for its next token: preempt the most recently admitted rows
-        until the pool has it."""
-        pool, bs = self.pool, self.pool.block_size
+    def _release(self, entry: _Entry) -> None:
+        """Give back a row's blocks (and its draft model's)."""
+        if entry.row.seq is not None:
+            self.core.free(entry.row.seq)
+            entry.row.seq = None
+        if self.speculator is not None:
+            self.speculator.release(entry.row)
+
+    def _make_room(self, keep: int | None = None) -> None:
+        """The first `keep` running rows (default all) need room for the positions of their next step:
+        preempt the most recently admitted rows until the pool has it."""
+        pool, bs, new = self.pool, self.pool.block_size, self._new_tokens
 
         def needs(entry: _Entry) -> int:
             seq = entry.row.seq
-            if seq.length % bs == 0:
-                return 1
-            return int(pool.refs[seq.blocks[seq.length // bs]] > 1)  # a shared block is copied first
+            grow = pool.blocks_for(seq.length + new) - pool.blocks_for(seq.length)
+            partial = seq.length % bs and pool.refs[seq.blocks[seq.length // bs]] > 1
+            return grow + int(partial)  # a shared block is copied before it is written
 
-        while sum(needs(e) for e in self._running) > pool.available and len(self._running) > 1:
+        while sum(needs(e) for e in self._running[:keep]) > pool.available and len(self._running) > 1:
             entry = self._running.pop()
             pool.preempt(entry.row.seq)
             entry.row.seq = None
+            if self.speculator is not None:
+                self.speculator.release(entry.row)
             with self._cond:
                 self._resume.appendleft(entry)
 

@@ -42,6 +42,10 @@ _STATS = [
     ("kv_cache.prefix_cache.misses", "gptlab_prefix_cache_misses_total", "counter", "Prompt blocks computed."),
     ("kv_cache.prefix_cache.evictions", "gptlab_prefix_cache_evictions_total", "counter", "Cached blocks evicted."),
     ("kv_cache.prefix_cache.hit_rate", "gptlab_prefix_cache_hit_rate", "gauge", "Prompt blocks found cached, a share."),
+    ("speculative.drafted", "gptlab_speculative_drafted_tokens_total", "counter", "Draft tokens proposed."),
+    ("speculative.accepted", "gptlab_speculative_accepted_tokens_total", "counter", "Draft tokens accepted."),
+    ("speculative.acceptance_rate", "gptlab_speculative_acceptance_rate", "gauge", "Draft tokens accepted, a share."),
+    ("speculative.tokens_per_step", "gptlab_speculative_tokens_per_step", "gauge", "Tokens per verification step."),
 ]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
