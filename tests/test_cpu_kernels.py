@@ -242,6 +242,43 @@ def test_fused_step_equals_the_torch_step(pattern, storage):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_step_verifies_several_tokens_of_a_sequence_like_the_torch_step(threads):
+    """A speculative step's K + 1 positions of one sequence run as rows of the fused step sharing a
+    block table (each sees the keys the earlier ones write in the same call, whichever thread runs
+    them): the logits and cache of the torch step's prefill of the same tokens."""
+    model = peaked_model(attn_pattern="alternating", local_window=5, n_layer=2)
+    prepare_model(model)
+    fused, plain = engines(model)
+    import gptlab.infer.cpu.kernels as K
+
+    calls, original = [], K.DecodeStep.decode
+    K.DecodeStep.decode = lambda self, pool, tokens, *rest: calls.append(len(tokens)) or original(
+        self, pool, tokens, *rest
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10] * 14]
+        a, b = [fused.sequence(p) for p in prompts], [plain.sequence(p) for p in prompts]
+        fused.forward(a)
+        plain.forward(b)
+        drafts = [[11, 12, 13, 14, 15], [16], [17, 18, 19, 20, 21, 22, 23, 24, 25]]  # across block edges
+        for s, t, d in zip(a, b, drafts, strict=True):
+            s.tokens.extend(d)
+            t.tokens.extend(d)
+        got = fused.forward(a, [len(d) for d in drafts])
+        want = plain.forward(b, [len(d) for d in drafts])
+    finally:
+        K.DecodeStep.decode = original
+        torch.set_num_threads(before)
+    assert calls == [sum(map(len, drafts))]  # one call, a row per position
+    assert (got - want).abs().max().item() / want.abs().max().item() < 1e-5
+    for x, y in ((fused.pool.k, plain.pool.k), (fused.pool.v, plain.pool.v)):
+        assert ((x - y).abs().max() / y.abs().max()).item() < 1e-5
+
+
+@needs_kernels
 def test_fused_step_takes_a_wide_batch_in_one_call():
     model = peaked_model(attn_pattern="alternating", local_window=3, n_layer=2)
     prepare_model(model)

@@ -23,6 +23,9 @@ from gptlab.model import GPT
 
 PREFILL_TOKENS = 8192
 """Most padded tokens (rows x longest) in one batch of the reference step: bounds its activations."""
+VERIFY_TOKENS = 16
+"""Most tokens of one sequence that the fast decoding step takes as rows (a speculative step's K + 1):
+weight-bandwidth-bound, such rows cost little more than one; longer runs are prefills."""
 
 
 @dataclass
@@ -157,11 +160,16 @@ class InferenceEngine:
         for seq in seqs:
             self.pool.reserve(seq, seq.pending)
         parts: list[Tensor | None] = [None] * len(seqs)
-        one = [i for i, s in enumerate(seqs) if s.pending == 1 and want[i] == 1]
+        # Decoding rows: one token each, or (on the fast step) the few tokens of a speculative step whose
+        # logits are all wanted, one row per position.
+        most = VERIFY_TOKENS if self.fast is not None else 1
+        one = [i for i, s in enumerate(seqs) if s.pending == want[i] <= most]
         if one:
             logits = self._decode([seqs[i] for i in one])
-            for j, i in enumerate(one):
-                parts[i] = logits[j : j + 1]
+            offset = 0
+            for i in one:
+                parts[i] = logits[offset : offset + want[i]]
+                offset += want[i]
         taken = set(one)
         rest = sorted((i for i in range(len(seqs)) if i not in taken), key=lambda i: -seqs[i].pending)
         while rest:
@@ -178,10 +186,14 @@ class InferenceEngine:
         return torch.cat(parts) if len(parts) != 1 else parts[0]  # type: ignore[arg-type]
 
     def _decode(self, seqs: list[Sequence]) -> Tensor:
-        tokens = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long)
-        positions = torch.tensor([s.length for s in seqs], dtype=torch.long)
+        """A row for each pending token of `seqs` (rows of one sequence share its block table)."""
+        rows = [(s, p) for s in seqs for p in range(s.length, len(s.tokens))]
+        tokens = torch.tensor([s.tokens[p] for s, p in rows], dtype=torch.long)
+        positions = torch.tensor([p for _, p in rows], dtype=torch.long)
         tables = self.pool.table(seqs)
-        step = self.fast if self.fast is not None and self.fast.runs(len(seqs)) else self.reference
+        if len(rows) != len(seqs):
+            tables = tables.repeat_interleave(torch.tensor([s.pending for s in seqs]), dim=0)
+        step = self.fast if self.fast is not None and self.fast.runs(len(rows)) else self.reference
         return step.decode(self.pool, tokens, positions, tables)
 
     def _prefill(self, seqs: list[Sequence], n_logits: list[int]) -> Tensor:

@@ -276,22 +276,26 @@ class Engine:
         """Rows admitted this iteration (the last ones, holding prefill logits) sample their first
         token; the others take a speculative step of 1 to K + 1 tokens."""
         fresh = len(self._logits) if self._logits is not None else 0
-        stepping = self._running[: len(self._running) - fresh]
-        before = sum(len(e.row.ids) for e in self._running)
+        entries = list(self._running)
+        stepping = entries[: len(entries) - fresh]
+        before = sum(len(e.row.ids) for e in entries)
         if fresh:
             advance([e.row for e in self._running[-fresh:]], self._logits, self.tokenizer.eot_id, self.max_len)
+            for entry in self._running[-fresh:]:
+                self._send(entry)
         self._logits = None
+        self._retire()  # before preemption: a finished row must not wait in the resume queue
         live = [e for e in stepping if not e.gone]
         if live:
-            self._make_room(keep=len(stepping))
-            still = set(live)
-            live = [e for e in self._running if e in still]
+            self._make_room(keep=len(live))
+            still = set(self._running)
+            live = [e for e in live if e in still]
         if live:
             speculator.step([e.row for e in live], self.tokenizer.eot_id)
-        self.counters["tokens"] += sum(len(e.row.ids) for e in self._running) - before
+        self.counters["tokens"] += sum(len(e.row.ids) for e in entries) - before
         self.counters["steps"] += 1
-        self.counters["max_batch"] = max(self.counters["max_batch"], len(self._running))
-        for entry in self._running:
+        self.counters["max_batch"] = max(self.counters["max_batch"], len(live) + fresh)
+        for entry in live:
             self._send(entry)
         self._retire()
 

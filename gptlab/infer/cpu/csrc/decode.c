@@ -196,16 +196,24 @@ static inline void prefetch_block(const char *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
 }
 
-/* Attention of row b, head h over the paged cache: writes the row's new key and value at position
- * `pos` (block table[pos / bs], offset pos % bs), then attends to positions [lo, pos].
- * kc, vc: this layer's (num_blocks, n_head, bs, hs) keys and values, float32 or (half) float16. */
+/* Row b, head h: writes the row's new key and value at position `pos` (block table[pos / bs], offset
+ * pos % bs). kc, vc: this layer's (num_blocks, n_head, bs, hs) keys and values, float32 or (half) float16. */
+static void store_row(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b, int64_t h, char *kc, char *vc,
+                      int half, const int64_t *table, int64_t bs, int64_t pos) {
+    const float *q = qkv + b * 3 * C + h * hs;
+    const int64_t tok = hs * (half ? 2 : 4), stride = nh * bs * tok, head = h * bs * tok;
+    store_kv(kc + table[pos / bs] * stride + head + (pos % bs) * tok, q + C, hs, half);
+    store_kv(vc + table[pos / bs] * stride + head + (pos % bs) * tok, q + 2 * C, hs, half);
+}
+
+/* Attention of row b, head h over the paged cache, positions [lo, pos]; every row's key and value are
+ * stored first (`store_row`), so rows of one sequence at consecutive positions (the tokens a
+ * speculative step verifies) see each other's. */
 static void attend(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b, int64_t h, char *kc, char *vc,
                    int half, const int64_t *table, int64_t bs, int64_t pos, int64_t lo, float *scores, float *out) {
     const float *q = qkv + b * 3 * C + h * hs;
     /* Walked block by block: a division per position costs as much as its dot product. */
     const int64_t tok = hs * (half ? 2 : 4), stride = nh * bs * tok, head = h * bs * tok;
-    store_kv(kc + table[pos / bs] * stride + head + (pos % bs) * tok, q + C, hs, half);
-    store_kv(vc + table[pos / bs] * stride + head + (pos % bs) * tok, q + 2 * C, hs, half);
     float scale = 1.0f / sqrtf((float)hs), mx = -INFINITY;
     for (int64_t s = lo; s <= pos;) {
         const int64_t j = s / bs, end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
@@ -286,6 +294,11 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
 #pragma omp single
             layer_norm(x, h, M, C, bl->ln1_w, bl->ln1_b, md->eps);
             linear_all(&bl->qkv, h, xq, xs, xp, M, big, tid, nt, 0, ctr + (4 * l) * threads);
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < M * nh; bh++)
+                store_row(big, C, nh, hs, bh / nh, bh % nh, (char *)kcache + l * layer_bytes,
+                          (char *)vcache + l * layer_bytes, kv_half, tables + (bh / nh) * max_blocks, block_size,
+                          pos[bh / nh]);
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < M * nh; bh++) {
                 int64_t b = bh / nh, hd = bh % nh, p = pos[b];
