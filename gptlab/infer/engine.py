@@ -24,8 +24,8 @@ from gptlab.model import GPT
 PREFILL_TOKENS = 8192
 """Most padded tokens (rows x longest) in one batch of the reference step: bounds its activations."""
 VERIFY_TOKENS = 16
-"""Most tokens of one sequence that the fast decoding step takes as rows (a speculative step's K + 1):
-weight-bandwidth-bound, such rows cost little more than one; longer runs are prefills."""
+"""Most pending tokens of one sequence that the fast decoding step takes as rows (a speculative step's
+K + 1): weight-bandwidth-bound, such rows cost little more than one; longer runs are prefills."""
 
 
 @dataclass
@@ -160,16 +160,17 @@ class InferenceEngine:
         for seq in seqs:
             self.pool.reserve(seq, seq.pending)
         parts: list[Tensor | None] = [None] * len(seqs)
-        # Decoding rows: one token each, or (on the fast step) the few tokens of a speculative step whose
-        # logits are all wanted, one row per position.
+        # Decoding rows: one token each, or (on the fast step) a few tokens of a sequence already under
+        # way, one row per position: the K + 1 a speculative step verifies, the accepted ones a draft
+        # model catches up on. Prompts are prefills.
         most = VERIFY_TOKENS if self.fast is not None else 1
-        one = [i for i, s in enumerate(seqs) if s.pending == want[i] <= most]
+        one = [i for i, s in enumerate(seqs) if s.pending == 1 or (s.length and s.pending <= most)]
         if one:
             logits = self._decode([seqs[i] for i in one])
             offset = 0
             for i in one:
-                parts[i] = logits[offset : offset + want[i]]
-                offset += want[i]
+                offset += seqs[i].pending
+                parts[i] = logits[offset - want[i] : offset]
         taken = set(one)
         rest = sorted((i for i in range(len(seqs)) if i not in taken), key=lambda i: -seqs[i].pending)
         while rest:

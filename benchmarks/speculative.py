@@ -1,0 +1,193 @@
+"""Speculative decoding at batch 1 on CPU: plain decoding vs a draft model and vs prompt lookup, K = 2..8.
+
+Two workloads on checkpoints trained on the same corpus with the same tokenizer (the README says which
+sizes, for how long, and the commands):
+
+* draft: greedy continuations of the starts of held-out standard-library functions, verified by the
+  target, drafted by the small model (`--target`, `--draft`);
+* lookup: "the same code again, one name changed": a function, a blank line, then the function's first
+  line with one name renamed; the continuation repeats spans of the prompt, which prompt lookup drafts
+  (no draft model).
+
+For every K the table gives tokens/s without and with speculation (medians of `--runs` rounds; each
+round times plain and speculative decoding of every prompt back to back, so a noisy neighbour hits
+both), the measured acceptance rate a (accepted / drafted tokens), the speed-up that rate predicts,
+(1 - a^(K+1)) / ((1 - a)(1 + cK)) with c the draft model's step cost over the target's (measured
+here; 0 for prompt lookup), and the measured speed-up. Greedy output is checked to equal plain
+decoding's token for token.
+
+    python benchmarks/speculative.py --target runs/target --draft runs/draft
+    python benchmarks/speculative.py --target T --draft D --ks 2 4 --runs 1 --new-tokens 32   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Starts of functions from modules the default corpus keeps out of training (the held-out split is by
+# file; these are written in the standard library's style, not copied from it).
+DRAFT_PROMPTS = [
+    "def _splitext(p, sep, altsep, extsep):\n    \"\"\"Split the extension from a pathname.\n\n",
+    "class Counter(dict):\n    def __init__(self, iterable=None, /, **kwds):\n        super().__init__()\n",
+    "def read_config(path):\n    with open(path, encoding='utf-8') as f:\n        for line in f:\n",
+    "    def __repr__(self):\n        return '%s(%r)' % (self.__class__.__name__,",
+    "import os\nimport sys\n\n\ndef main(argv=None):\n    if argv is None:\n        argv = sys.argv[1:]\n",
+    "    def close(self):\n        \"\"\"Close the file.\"\"\"\n        if self._file is not None:\n",
+]
+
+LOOKUP_SOURCES = [
+    (
+        "def parse_header(line, strict=False):\n"
+        "    key, sep, value = line.partition(':')\n"
+        "    if not sep:\n"
+        "        if strict:\n"
+        "            raise ValueError('malformed header: %r' % (line,))\n"
+        "        return None\n"
+        "    key = key.strip().lower()\n"
+        "    value = value.strip()\n"
+        "    return key, value\n",
+        "parse_header",
+        "split_header",
+    ),
+    (
+        "class Buffer:\n"
+        "    def __init__(self, size):\n"
+        "        self.size = size\n"
+        "        self.data = bytearray(size)\n"
+        "        self.pos = 0\n"
+        "\n"
+        "    def write(self, chunk):\n"
+        "        end = self.pos + len(chunk)\n"
+        "        if end > self.size:\n"
+        "            raise ValueError('buffer full')\n"
+        "        self.data[self.pos:end] = chunk\n"
+        "        self.pos = end\n"
+        "        return len(chunk)\n",
+        "Buffer",
+        "ByteBuffer",
+    ),
+    (
+        "def walk_files(top, suffix='.py'):\n"
+        "    for root, dirs, files in os.walk(top):\n"
+        "        dirs.sort()\n"
+        "        for name in sorted(files):\n"
+        "            if name.endswith(suffix):\n"
+        "                yield os.path.join(root, name)\n",
+        "walk_files",
+        "python_files",
+    ),
+]
+
+
+def lookup_prompts() -> list[str]:
+    """A function, then its first line with one name changed: the rest repeats the function."""
+    return [f"{source}\n\n{source.splitlines()[0].replace(old, new)}\n" for source, old, new in LOOKUP_SOURCES]
+
+
+def decode(model, ids: list[int], new: int, speculation=None):
+    """Greedy tokens and seconds for one prompt at batch 1 (an engine of its own each time)."""
+    from gptlab.infer.engine import InferenceEngine
+    from gptlab.infer.generate import generate_ids
+
+    engine = InferenceEngine(model, kv_cache_tokens=len(ids) + new + 64)
+    start = time.perf_counter()
+    out = generate_ids(model, [ids], max_new_tokens=new, temperature=0, engine=engine, speculative=speculation)[0]
+    seconds = time.perf_counter() - start
+    return out, seconds, engine.speculation
+
+
+def step_seconds(model, ids: list[int], new: int) -> float:
+    """Seconds per decoding step at batch 1 (plain greedy decoding of `new` tokens)."""
+    _, seconds, _ = decode(model, ids, new)
+    _, again, _ = decode(model, ids, new)
+    return min(seconds, again) / new
+
+
+def run_workload(name, target, prompts, new, ks, runs, make_spec, c):
+    """Rows of the table for one workload: per K, plain and speculative tokens/s and acceptance."""
+    rows = []
+    decode(target, prompts[0], 8)  # warm up (kernels, allocator)
+    for k in ks:
+        spec = make_spec(k)
+        decode(target, prompts[0], 8, spec)
+        plain_rates, spec_rates, drafted, accepted, steps, produced = [], [], 0, 0, 0, 0
+        for _ in range(runs):
+            plain_tokens = plain_time = spec_tokens = spec_time = 0.0
+            for ids in prompts:
+                want, seconds, _ = decode(target, ids, new)
+                plain_tokens, plain_time = plain_tokens + len(want), plain_time + seconds
+                got, seconds, stats = decode(target, ids, new, spec)
+                if got != want:
+                    raise SystemExit(f"{name} K={k}: speculative greedy output differs from plain decoding")
+                spec_tokens, spec_time = spec_tokens + len(got), spec_time + seconds
+                drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+                steps, produced = steps + stats.steps, produced + stats.tokens
+            plain_rates.append(plain_tokens / plain_time)
+            spec_rates.append(spec_tokens / spec_time)
+        a = accepted / drafted if drafted else 0.0
+        predicted = (1 - a ** (k + 1)) / ((1 - a) * (1 + c * k)) if a < 1 else (k + 1) / (1 + c * k)
+        plain, fast = statistics.median(plain_rates), statistics.median(spec_rates)
+        rows.append(dict(workload=name, k=k, plain=plain, speculative=fast, acceptance=a,
+                         tokens_per_step=produced / steps if steps else 0.0, c=c,
+                         predicted=predicted, measured=fast / plain))  # fmt: skip
+        print(f"  {name} K={k}: {plain:.1f} -> {fast:.1f} tok/s, a={a:.2f}, "
+              f"predicted {predicted:.2f}x, measured {fast / plain:.2f}x", flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, help="target checkpoint (run dir or checkpoint dir)")
+    parser.add_argument("--draft", help="draft checkpoint with the target's tokenizer (the draft workload)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8], help="tokens drafted per step")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--prompt-lookup", type=int, default=3, help="n-gram length for prompt lookup")
+    parser.add_argument("--runs", type=int, default=3, help="timed rounds (medians)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--workloads", nargs="+", default=["draft", "lookup"], choices=["draft", "lookup"])
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    from gptlab.infer.prepare import load_for_generation
+    from gptlab.infer.speculative import Speculation
+    from gptlab.reports.run_report import cpu_name
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_for_generation(args.target)
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch 1, greedy, {args.new_tokens} new tokens")
+    rows = []
+    if "draft" in args.workloads:
+        if not args.draft:
+            raise SystemExit("the draft workload needs --draft CKPT (or --workloads lookup)")
+        draft, _ = load_for_generation(args.draft, tokenizer=args.target)
+        prompts = [tokenizer.encode(p) for p in DRAFT_PROMPTS]
+        c = step_seconds(draft, prompts[0], 64) / step_seconds(target, prompts[0], 64)
+        print(f"draft step / target step: c = {c:.3f}", flush=True)
+        rows += run_workload("draft model", target, prompts, args.new_tokens, args.ks, args.runs,
+                             lambda k: Speculation(draft=draft, num_tokens=k), c)  # fmt: skip
+    if "lookup" in args.workloads:
+        prompts = [tokenizer.encode(p) for p in lookup_prompts()]
+        rows += run_workload("prompt lookup", target, prompts, args.new_tokens, args.ks, args.runs,
+                             lambda k: Speculation(prompt_lookup=args.prompt_lookup, num_tokens=k), 0.0)  # fmt: skip
+    print()
+    print("| workload | K | plain tok/s | speculative tok/s | acceptance | tokens / step | predicted | measured |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['k']} | {r['plain']:.1f} | {r['speculative']:.1f} | {r['acceptance']:.2f} | "
+              f"{r['tokens_per_step']:.2f} | {r['predicted']:.2f}x | {r['measured']:.2f}x |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
