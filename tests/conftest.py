@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 GPT2_BPE_DIR = Path(__file__).resolve().parents[2] / "shared/fixtures/gpt2-bpe"
 
@@ -50,3 +51,13 @@ def tiny_tokenizer(tiny_corpus: list[str]):
     from gptlab.tokenizer import Tokenizer
 
     return Tokenizer.train(tiny_corpus, vocab_size=300, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models
+    decode faster and deterministically so; the caller's count comes back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from gptlab.infer.generate import generate_ids
 from gptlab.infer.sampling import SamplingParams
 from gptlab.infer.speculative import Speculation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peaked_model(seed: int = 0, **kw) -> GPT:
@@ -214,6 +208,13 @@ def _noisy(model: GPT) -> GPT:
     return draft
 
 
+def _speculation(drafter: str | None, model: GPT, k: int) -> Speculation | None:
+    if drafter is None:
+        return None
+    return Speculation(draft=_noisy(model), num_tokens=k) if drafter == "draft" else Speculation(prompt_lookup=2,
+                                                                                                 num_tokens=k)
+
+
 PREFIX = list(b"You are a helpful assistant. ")  # shared by some prompts: prefix hits while others run
 
 
@@ -238,10 +239,7 @@ def test_scheduler_interleavings_give_every_request_its_tokens_alone(server_mode
     same distribution but not the same draws after a preemption, so they run greedy here."""
     from gptlab.serve.engine import Engine
 
-    spec = None
-    if drafter is not None:
-        spec = Speculation(draft=_noisy(server_model), num_tokens=3) if drafter == "draft" else Speculation(
-            prompt_lookup=2, num_tokens=3)
+    spec = _speculation(drafter, server_model, 3)
     engine = Engine(server_model, byte_tokenizer, max_concurrent=4, max_queue=100, kv_cache_tokens=56, block_size=4,
                     speculation=spec)  # fmt: skip
     prompts = [PREFIX[:13] + [65 + i] * (1 + i) for i in range(3)] + [[66 + i] * (2 + 2 * i) for i in range(3)]
@@ -282,10 +280,7 @@ def test_scheduler_interleavings_give_every_request_its_tokens_alone(server_mode
 def test_a_full_pool_preempts_and_resumes_with_the_same_tokens(server_model, byte_tokenizer, drafter):
     from gptlab.serve.engine import Engine
 
-    spec = None
-    if drafter is not None:
-        spec = Speculation(draft=_noisy(server_model), num_tokens=4) if drafter == "draft" else Speculation(
-            prompt_lookup=2, num_tokens=4)
+    spec = _speculation(drafter, server_model, 4)
     engine = Engine(server_model, byte_tokenizer, max_concurrent=4, max_queue=10, kv_cache_tokens=40, block_size=4,
                     speculation=spec)  # fmt: skip
     loop, params = _Loop(), SamplingParams(max_new_tokens=20, temperature=0)

@@ -23,13 +23,7 @@ from gptlab.infer.generate import generate, generate_ids, stream
 from gptlab.infer.sampling import SamplingParams, process_logits
 from gptlab.infer.speculative import Speculation, lookup
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def peaked_model(seed: int = 0, scale: float = 40.0, **kw) -> GPT:
