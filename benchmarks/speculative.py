@@ -113,35 +113,57 @@ def step_seconds(model, ids: list[int], new: int) -> float:
 
 
 def run_workload(name, target, prompts, new, ks, runs, make_spec, c):
-    """Rows of the table for one workload: per K, plain and speculative tokens/s and acceptance."""
-    rows = []
+    """Rows of the table for one workload: per K, plain and speculative tokens/s and acceptance over all
+    prompts; and per prompt (the acceptance of one kind of text differs from another's)."""
+    rows, per_prompt = [], []
     decode(target, prompts[0], 8)  # warm up (kernels, allocator)
     for k in ks:
         spec = make_spec(k)
         decode(target, prompts[0], 8, spec)
-        plain_rates, spec_rates, drafted, accepted, steps, produced = [], [], 0, 0, 0, 0
+        plain_rates, spec_rates = [], []
+        totals = [dict(drafted=0, accepted=0, steps=0, tokens=0, plain=[], spec=[]) for _ in prompts]
         for _ in range(runs):
             plain_tokens = plain_time = spec_tokens = spec_time = 0.0
-            for ids in prompts:
+            for ids, t in zip(prompts, totals):
                 want, seconds, _ = decode(target, ids, new)
                 plain_tokens, plain_time = plain_tokens + len(want), plain_time + seconds
+                t["plain"].append(len(want) / seconds)
                 got, seconds, stats = decode(target, ids, new, spec)
                 if got != want:
                     raise SystemExit(f"{name} K={k}: speculative greedy output differs from plain decoding")
                 spec_tokens, spec_time = spec_tokens + len(got), spec_time + seconds
-                drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
-                steps, produced = steps + stats.steps, produced + stats.tokens
+                t["spec"].append(len(got) / seconds)
+                for key in ("drafted", "accepted", "steps", "tokens"):
+                    t[key] += getattr(stats, key)
             plain_rates.append(plain_tokens / plain_time)
             spec_rates.append(spec_tokens / spec_time)
-        a = accepted / drafted if drafted else 0.0
-        predicted = (1 - a ** (k + 1)) / ((1 - a) * (1 + c * k)) if a < 1 else (k + 1) / (1 + c * k)
-        plain, fast = statistics.median(plain_rates), statistics.median(spec_rates)
-        rows.append(dict(workload=name, k=k, plain=plain, speculative=fast, acceptance=a,
-                         tokens_per_step=produced / steps if steps else 0.0, c=c,
-                         predicted=predicted, measured=fast / plain))  # fmt: skip
-        print(f"  {name} K={k}: {plain:.1f} -> {fast:.1f} tok/s, a={a:.2f}, "
-              f"predicted {predicted:.2f}x, measured {fast / plain:.2f}x", flush=True)  # fmt: skip
-    return rows
+        rows.append(_row(name, k, c, statistics.median(plain_rates), statistics.median(spec_rates), totals))
+        for i, t in enumerate(totals):
+            plain, fast = statistics.median(t["plain"]), statistics.median(t["spec"])
+            per_prompt.append({**_row(name, k, c, plain, fast, [t]), "prompt": i})
+        r = rows[-1]
+        print(f"  {name} K={k}: {r['plain']:.1f} -> {r['speculative']:.1f} tok/s, a={r['acceptance']:.2f}, "
+              f"predicted {r['predicted']:.2f}x, measured {r['measured']:.2f}x", flush=True)  # fmt: skip
+    return rows, per_prompt
+
+
+def _row(name: str, k: int, c: float, plain: float, fast: float, totals: list[dict]) -> dict:
+    drafted, accepted = sum(t["drafted"] for t in totals), sum(t["accepted"] for t in totals)
+    steps, tokens = sum(t["steps"] for t in totals), sum(t["tokens"] for t in totals)
+    a = accepted / drafted if drafted else 0.0
+    predicted = (1 - a ** (k + 1)) / ((1 - a) * (1 + c * k)) if a < 1 else (k + 1) / (1 + c * k)
+    return dict(workload=name, k=k, plain=plain, speculative=fast, acceptance=a,
+                tokens_per_step=tokens / steps if steps else 0.0, c=c, predicted=predicted,
+                measured=fast / plain)  # fmt: skip
+
+
+def print_table(rows: list[dict], first: str) -> None:
+    print(f"| {first} | K | plain tok/s | speculative tok/s | acceptance | tokens / step | predicted | measured |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        label = r["workload"] if first == "workload" else f"{r['workload']} #{r['prompt']}"
+        print(f"| {label} | {r['k']} | {r['plain']:.1f} | {r['speculative']:.1f} | {r['acceptance']:.2f} | "
+              f"{r['tokens_per_step']:.2f} | {r['predicted']:.2f}x | {r['measured']:.2f}x |")  # fmt: skip
 
 
 def main() -> None:
@@ -154,6 +176,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed rounds (medians)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--workloads", nargs="+", default=["draft", "lookup"], choices=["draft", "lookup"])
+    parser.add_argument("--per-prompt-k", type=int, default=4, help="K of the per-prompt table")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
@@ -165,7 +188,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_for_generation(args.target)
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch 1, greedy, {args.new_tokens} new tokens")
-    rows = []
+    rows, per_prompt = [], []
     if "draft" in args.workloads:
         if not args.draft:
             raise SystemExit("the draft workload needs --draft CKPT (or --workloads lookup)")
@@ -173,20 +196,20 @@ def main() -> None:
         prompts = [tokenizer.encode(p) for p in DRAFT_PROMPTS]
         c = step_seconds(draft, prompts[0], 64) / step_seconds(target, prompts[0], 64)
         print(f"draft step / target step: c = {c:.3f}", flush=True)
-        rows += run_workload("draft model", target, prompts, args.new_tokens, args.ks, args.runs,
-                             lambda k: Speculation(draft=draft, num_tokens=k), c)  # fmt: skip
+        got = run_workload("draft model", target, prompts, args.new_tokens, args.ks, args.runs,
+                           lambda k: Speculation(draft=draft, num_tokens=k), c)  # fmt: skip
+        rows, per_prompt = rows + got[0], per_prompt + got[1]
     if "lookup" in args.workloads:
         prompts = [tokenizer.encode(p) for p in lookup_prompts()]
-        rows += run_workload("prompt lookup", target, prompts, args.new_tokens, args.ks, args.runs,
-                             lambda k: Speculation(prompt_lookup=args.prompt_lookup, num_tokens=k), 0.0)  # fmt: skip
+        got = run_workload("prompt lookup", target, prompts, args.new_tokens, args.ks, args.runs,
+                           lambda k: Speculation(prompt_lookup=args.prompt_lookup, num_tokens=k), 0.0)  # fmt: skip
+        rows, per_prompt = rows + got[0], per_prompt + got[1]
     print()
-    print("| workload | K | plain tok/s | speculative tok/s | acceptance | tokens / step | predicted | measured |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['workload']} | {r['k']} | {r['plain']:.1f} | {r['speculative']:.1f} | {r['acceptance']:.2f} | "
-              f"{r['tokens_per_step']:.2f} | {r['predicted']:.2f}x | {r['measured']:.2f}x |")  # fmt: skip
+    print_table(rows, "workload")
+    print(f"\nPer prompt at K = {args.per_prompt_k}:\n")
+    print_table([r for r in per_prompt if r["k"] == args.per_prompt_k], "prompt")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "per_prompt": per_prompt}, indent=1))
 
 
 if __name__ == "__main__":
