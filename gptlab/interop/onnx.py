@@ -47,7 +47,7 @@ def require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"ONNX export needs the {module} package ({e}); {_EXTRA}") from None
+        raise ImportError(f"ONNX export and decoding need the {module} package ({e}); {_EXTRA}") from None
 
 
 class _Exportable(nn.Module):
