@@ -150,3 +150,21 @@ def test_mlflow_resumed_run_continues_the_same_run(dataset, tmp_path: Path, monk
     history = sorted((m.step, m.value) for m in client.get_metric_history(first, "train/loss"))
     assert history == expected_scalars(run)["train/loss"] and [s for s, _ in history] == list(range(1, 9))
     assert len(client.search_runs([client.get_run(first).info.experiment_id])) == 1
+
+
+def test_tensorboard_gets_the_config_as_text(tmp_path: Path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    from gptlab.train.metrics import MetricsLogger
+
+    config = {"optim": {"lr": 0.25}, "train": {"max_steps": 7}}
+    logger = MetricsLogger(tmp_path, ["tensorboard"], config=config)
+    logger.log({"step": 1, "loss": 2.5})
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    (event,) = acc.Tensors("config/text_summary")
+    text = make_ndarray(event.tensor_proto).item().decode()
+    assert json.loads(text.removeprefix("```json\n").removesuffix("\n```")) == config
+    assert [float(make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")] == [2.5]
