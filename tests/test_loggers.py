@@ -168,3 +168,18 @@ def test_tensorboard_gets_the_config_as_text(tmp_path: Path):
     text = make_ndarray(event.tensor_proto).item().decode()
     assert json.loads(text.removeprefix("```json\n").removesuffix("\n```")) == config
     assert [float(make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")] == [2.5]
+
+
+def test_wandb_without_an_api_key_says_how_to_log_offline(tmp_path: Path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    from gptlab.train.metrics import MetricsLogger
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "run").mkdir()
+    wandb.teardown()  # forget the settings an earlier (offline) run left in this process
+    with pytest.raises(ValueError, match=r"could not start: .*WANDB_MODE=offline"):
+        MetricsLogger(tmp_path / "run", ["wandb"])

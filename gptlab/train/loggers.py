@@ -85,15 +85,21 @@ class WandbLogger:
             import wandb
         except ImportError as e:
             raise _missing("wandb", "wandb", e) from None
-        self.run = wandb.init(
-            project=project,
-            name=run_dir.name,
-            dir=str(run_dir),
-            config=config,
-            id=run_id,
-            resume="allow" if run_id else None,
-            settings=wandb.Settings(console="off"),  # leave the progress bar and warnings on the terminal
-        )
+        try:
+            self.run = wandb.init(
+                project=project,
+                name=run_dir.name,
+                dir=str(run_dir),
+                config=config,
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(console="off"),  # leave the progress bar and warnings on the terminal
+            )
+        except Exception as e:  # no API key, no network: say how to log anyway
+            raise ValueError(
+                f"Weights & Biases logging could not start: {e}; run `wandb login` (or set WANDB_API_KEY), "
+                "or set WANDB_MODE=offline to keep the run on disk and `wandb sync` it later"
+            ) from None
         self.id = self.run.id
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
