@@ -7,7 +7,7 @@ included, as benchmarks/decode.py does for gptlab and transformers.
 
 llama.cpp runs through llama-cpp-python, whose `Llama` object decodes one sequence: only batch 1 is
 measured (batched decoding needs llama.cpp's C batch API with one sequence id per row).
-onnxruntime runs `model_with_past.onnx` with gptlab's `OnnxDecoder` (numpy past tensors fed back each
+onnxruntime runs the export's `model.onnx` with gptlab's `OnnxDecoder` (numpy past tensors fed back each
 step, no IO binding), at any batch size.
 
     python benchmarks/decode_peers.py                    # table: gptlab, llama.cpp f32 / q8_0, onnxruntime
@@ -75,7 +75,9 @@ def onnx_dir(model_dir: str | Path) -> Path:
     from gptlab.interop.onnx import export_checkpoint_onnx
 
     out = _export_dir(model_dir, "onnx")
-    if not (out / "model_with_past.onnx").is_file():
+    from gptlab.interop.onnx_runtime import is_onnx_export
+
+    if not is_onnx_export(out) or "position_ids" not in (out / "export.json").read_text():  # older layout
         export_checkpoint_onnx(model_dir, out)
     return out
 
@@ -138,8 +140,8 @@ def onnxruntime_decode_tps(
     threads: int | None = None,
     runs: int = 3,
 ) -> float:
-    """Greedy decoding tokens/s (new tokens x batch) of onnxruntime on `model_with_past.onnx`. fp32 only."""
-    from gptlab.interop.onnx import OnnxDecoder
+    """Greedy decoding tokens/s (new tokens x batch) of onnxruntime on the export's `model.onnx`. fp32 only."""
+    from gptlab.interop.onnx_runtime import OnnxDecoder
 
     if dtype not in ("fp32", "f32"):
         raise ValueError(f"the ONNX export is float32; dtype {dtype!r} is not measured")

@@ -368,7 +368,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
     d = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}
     p = sub.add_parser("generate", help="generate text from a checkpoint, streamed as it is produced")
-    p.add_argument("checkpoint", metavar="CKPT", help="gptlab run / checkpoint or Hugging Face GPT-2 dir")
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="gptlab run / checkpoint, Hugging Face GPT-2 dir, or ONNX export dir"
+    )
     p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="text to continue")
     p.add_argument("-i", "--interactive", action="store_true", help="then read prompts from stdin")
     option = p.add_argument
@@ -415,6 +417,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             logit_bias=dict(args.logit_bias), constraint=_constraint(args),
         ).validate()
         _check_speculative_options(args)
+        from gptlab.interop.onnx_runtime import is_onnx_export
+
+        if is_onnx_export(args.checkpoint):  # a `gptlab export --format onnx` directory: onnxruntime decodes
+            from gptlab.interop.onnx_runtime import run_onnx_generate
+
+            given = [flag for flag, on in (("--beams", args.beams != 1), ("--dtype", args.dtype != "float32"),
+                     ("--quantize", args.quantize is not None), ("--compile", args.compile),
+                     ("--device", str(args.device) != "cpu"), ("--verbose", args.verbose),
+                     ("--draft", args.draft is not None),
+                     ("--prompt-lookup", bool(args.prompt_lookup))) if on]  # fmt: skip
+            if given:
+                raise CLIError(f"{' '.join(given)} apply to checkpoints; an ONNX directory runs in onnxruntime (CPU)")
+            return run_onnx_generate(
+                args.checkpoint, args.prompt, params, tokenizer=args.tokenizer, interactive=args.interactive,
+                truncate=not args.no_truncate,
+            )
         model, tokenizer = load_for_generation(
             args.checkpoint, dtype=args.dtype, quantize=args.quantize, device=args.device,
             tokenizer=args.tokenizer, pack=not args.compile,
@@ -617,7 +635,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export a checkpoint for deployment: GGUF (llama.cpp) or ONNX (onnxruntime)",
         description="GGUF: one file for llama.cpp's gpt2 architecture with the tokenizer inside. ONNX: a "
-        "directory with model.onnx (input_ids -> logits) and model_with_past.onnx (incremental decoding).",
+        "directory Hugging Face Optimum's ORTModelForCausalLM loads (model.onnx with past keys / values, "
+        "config.json, the tokenizer); `gptlab generate DIR` decodes it with onnxruntime.",
     )
     p.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="gptlab checkpoint / run or Hugging Face GPT-2 directory"
@@ -640,18 +659,23 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         out = Path(args.out)
         if out.exists() and not args.overwrite and (out.is_file() or any(out.iterdir())):
             raise CLIError(f"{out} already exists; pass --overwrite to replace it")
+        from gptlab.interop.progress import Progress
+
         if args.format == "gguf":
             from gptlab.interop.gguf import export_gguf
 
-            written = export_gguf(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer)
+            progress = Progress(stages=2)
+            written = export_gguf(args.checkpoint, out, dtype=args.dtype, tokenizer=args.tokenizer, progress=progress)
         else:
             from gptlab.interop.onnx import export_checkpoint_onnx
 
             if args.dtype != "f32":
                 raise CLIError(f"ONNX export writes f32 weights; --dtype {args.dtype} applies to GGUF only")
+            progress = Progress(stages=3)
             written = export_checkpoint_onnx(
-                args.checkpoint, out, tokenizer=args.tokenizer, exporter=args.onnx_exporter
+                args.checkpoint, out, tokenizer=args.tokenizer, exporter=args.onnx_exporter, progress=progress
             )
+        progress.finish(f"{args.format} export done")
         print(f"wrote {written}")
         return 0
 

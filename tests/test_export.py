@@ -17,6 +17,7 @@ fp32 (differences ~1e-6), so its greedy tokens must equal gptlab's exactly.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def onnx_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Path]:
 
 
 def test_onnx_logits_match_gptlab_for_several_shapes(onnx_export):
-    from gptlab.interop.onnx import run_logits
+    from gptlab.interop.onnx_runtime import run_logits
 
     model, out = onnx_export
     generator = torch.Generator().manual_seed(0)
@@ -119,7 +120,7 @@ def test_onnx_logits_match_gptlab_for_several_shapes(onnx_export):
 
 
 def test_onnx_with_past_greedy_decode_matches_gptlab(onnx_export):
-    from gptlab.interop.onnx import OnnxDecoder
+    from gptlab.interop.onnx_runtime import OnnxDecoder
 
     model, out = onnx_export
     decoder = OnnxDecoder(out)
@@ -134,7 +135,7 @@ def test_onnx_with_past_greedy_decode_matches_gptlab(onnx_export):
 
 
 def test_onnx_with_past_step_logits_match_no_cache(onnx_export):
-    from gptlab.interop.onnx import OnnxDecoder
+    from gptlab.interop.onnx_runtime import OnnxDecoder
 
     model, out = onnx_export
     decoder = OnnxDecoder(out)
@@ -152,26 +153,31 @@ def test_onnx_graphs_have_dynamic_axes_and_metadata(onnx_export):
     import onnx
 
     _, out = onnx_export
-    graph = onnx.load(str(out / "model_with_past.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     inputs = {i.name: i for i in graph.input}
-    assert list(inputs) == [
+    assert list(inputs) == [  # Optimum's names (ORTModelForCausalLM finds the cache by them)
         "input_ids",
         "attention_mask",
-        "past_key.0",
-        "past_value.0",
-        "past_key.1",
-        "past_value.1",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "past_key_values.1.key",
+        "past_key_values.1.value",
     ]
-    assert [o.name for o in graph.output][:3] == ["logits", "present_key.0", "present_value.0"]
+    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
     ids_dims = inputs["input_ids"].type.tensor_type.shape.dim
     assert all(d.dim_param and not d.dim_value for d in ids_dims)  # batch and sequence are symbolic
     info = json.loads((out / "export.json").read_text())
     assert info["model"]["attn_pattern"] == "alternating" and info["exporter"] == "dynamo"
+    config = json.loads((out / "config.json").read_text())  # what Optimum reads, and the real config
+    assert config["model_type"] == "gpt2" and config["n_head"] == 2 and config["use_cache"] is True
+    assert config["gptlab"]["attn_pattern"] == "alternating" and config["gptlab"]["local_window"] == 4
 
 
 def test_onnx_torchscript_exporter_tied_dense_model(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'gptlab[export]'")
-    from gptlab.interop.onnx import OnnxDecoder, export_onnx, run_logits
+    from gptlab.interop.onnx import export_onnx
+    from gptlab.interop.onnx_runtime import OnnxDecoder, run_logits
 
     model = seeded_gpt(ModelConfig(n_layer=2, n_head=4, n_embd=32, n_ctx=48, vocab_size=120), seed=2)
     export_onnx(model, tmp_path / "ts", exporter="torchscript")
@@ -183,6 +189,73 @@ def test_onnx_torchscript_exporter_tied_dense_model(tmp_path):
     reference, margin = greedy_reference(model, prompt, NEW_TOKENS)
     assert margin > ONNX_MIN_MARGIN
     assert OnnxDecoder(tmp_path / "ts").greedy([prompt], NEW_TOKENS)[0] == reference
+
+
+@pytest.fixture(scope="module")
+def onnx_with_tokenizer(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[GPT, Path, Path]:
+    """A dense model on the 300-id tiny tokenizer: (model, checkpoint, ONNX dir exported by the CLI)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'gptlab[export]'")
+    model = seeded_gpt(ModelConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=64, vocab_size=300), seed=4, gain=2.0)
+    root = tmp_path_factory.mktemp("onnx-tok")
+    save_model(model, root / "ckpt", tokenizer=tiny_tokenizer)
+    assert export_cli(root / "ckpt", "--format", "onnx", "--out", root / "onnx", "--onnx-exporter", "torchscript") == 0
+    return model, root / "ckpt", root / "onnx"
+
+
+def test_onnx_seeded_sampling_matches_gptlab_generate(onnx_with_tokenizer):
+    from gptlab.infer.generate import generate_ids
+    from gptlab.infer.sampling import SamplingParams
+    from gptlab.interop.onnx_runtime import OnnxDecoder
+
+    model, _, out = onnx_with_tokenizer
+    decoder = OnnxDecoder(out)
+    prompts = [[5, 17, 3, 88], [60, 2, 9, 70, 1, 44, 250]]  # different lengths: left padding in onnxruntime
+    settings = [
+        dict(temperature=0.0),
+        dict(temperature=0.9, top_k=40, seed=1),
+        dict(temperature=1.3, top_p=0.9, seed=2, n=2),
+        dict(temperature=0.8, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.5, seed=3),
+    ]
+    for setting in settings:
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, **setting)
+        got = decoder.generate_ids(prompts, params, eos_id=299)
+        expected = generate_ids(model, prompts, params, eos_id=299)
+        assert got == expected, setting
+        assert all(len(set(ids)) > 3 for ids in expected)  # lively continuations, not one token repeated
+    sampled = decoder.generate_ids(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=9))
+    assert sampled != decoder.greedy(prompts, NEW_TOKENS)  # sampling really samples
+
+
+def test_generate_cli_on_onnx_dir_matches_checkpoint(onnx_with_tokenizer, capsys):
+    _, ckpt, out = onnx_with_tokenizer
+    for flags in (["--temperature", "0"], ["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"]):
+        args = ["generate", None, "def add(", "--max-new-tokens", "24", *flags]
+        assert main([str(ckpt) if a is None else a for a in args]) == 0
+        expected = capsys.readouterr().out
+        assert main([str(out) if a is None else a for a in args]) == 0
+        assert capsys.readouterr().out == expected and len(expected.strip()) > 5
+    assert main(["generate", str(out), "def", "--max-new-tokens", "4", "--n", "2", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.count("--- completion") == 2
+    assert main(["generate", str(out), "def", "--beams", "2"]) == 2
+    assert "--beams apply to checkpoints" in capsys.readouterr().err
+
+
+def test_export_shows_its_stages(tmp_path, capsys, tiny_tokenizer):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'gptlab[export]'")
+    model = seeded_gpt(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=16, vocab_size=300))
+    save_model(model, tmp_path / "c", tokenizer=tiny_tokenizer)
+    onnx_args = ("--format", "onnx", "--out", tmp_path / "o", "--onnx-exporter", "torchscript")
+    assert export_cli(tmp_path / "c", *onnx_args) == 0
+    err = capsys.readouterr().err.splitlines()
+    starts = [line for line in err if line.endswith(" ...")]
+    assert [line.split("]")[0] for line in starts] == ["export: [1/3", "export: [2/3", "export: [3/3"]
+    assert "tracing the model into model.onnx" in starts[1]
+    assert sum("] done in " in line for line in err) == 3 and err[-1].startswith("export: onnx export done in")
+    if importlib.util.find_spec("gguf") is not None:
+        assert export_cli(tmp_path / "c", "--format", "gguf", "--out", tmp_path / "m.gguf") == 0
+        err = capsys.readouterr().err.splitlines()
+        assert [line.split("]")[0] for line in err if line.endswith(" ...")] == ["export: [1/2", "export: [2/2"]
+        assert err[-1].startswith("export: gguf export done in")
 
 
 def test_export_cli_reports_bad_input(tmp_path, capsys):

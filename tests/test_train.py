@@ -499,7 +499,7 @@ def test_tensorboard_scalars_read_back_in_full_precision(tmp_path: Path):
 
     from gptlab.train.metrics import MetricsLogger
 
-    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger = MetricsLogger(tmp_path, ["tensorboard"])
     rows = [{"step": 1, "loss": 3.25, "time": 1796499981.7708316}, {"step": 2, "loss": 3.0, "val_loss": 3.1}]
     for row in rows:
         logger.log(row)
@@ -525,11 +525,11 @@ def test_tensorboard_asked_for_but_missing_is_one_warning(tmp_path: Path, monkey
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    logger = MetricsLogger(tmp_path, tensorboard=True)
+    logger = MetricsLogger(tmp_path, ["tensorboard"])
     logger.log({"step": 1, "loss": 1.0})
     logger.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tensorboard is not installed" in err[0] and "gptlab[tensorboard]" in err[0]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
-    MetricsLogger(tmp_path, tensorboard=False).close()
+    MetricsLogger(tmp_path, []).close()
     assert capsys.readouterr().err == ""

@@ -9,7 +9,7 @@ the tokens. With `speculative=` a step drafts and verifies several tokens per ro
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from gptlab.infer.cache import BLOCK_SIZE
@@ -46,7 +46,8 @@ def fit_prompts(prompts: list[list[int]], n_ctx: int, max_new_tokens: int, trunc
     return out
 
 
-def _encode_prompts(tokenizer: TextTokenizer, prompts: str | Sequence[str]) -> list[list[int]]:
+def encode_prompts(tokenizer: TextTokenizer, prompts: str | Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt (an empty prompt starts from the end-of-text token)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -160,7 +161,7 @@ def _run(engine: InferenceEngine, rows: list[Row], eos_id: int | None, speculati
             if r.seq is not None:
                 engine.free(r.seq)
                 r.seq = None
-    _raise_failures(rows)
+    raise_failures(rows)
 
 
 def _speculation(speculative: Speculation | None, model: GPT, params: SamplingParams) -> Speculation | None:
@@ -173,7 +174,7 @@ def _speculation(speculative: Speculation | None, model: GPT, params: SamplingPa
     return speculative.validate(model)
 
 
-def _raise_failures(rows: list[Row]) -> None:
+def raise_failures(rows: list[Row]) -> None:
     failed = [r for r in rows if r.error is not None]
     if failed:
         raise ValueError(f"generation failed for prompt {failed[0].prompt_index}: {failed[0].error}")
@@ -202,7 +203,7 @@ def generate(
     """
     params = _params(params, kwargs, model)
     speculative = _speculation(speculative, model, params)
-    ids = fit_prompts(_encode_prompts(tokenizer, prompts), model.config.n_ctx, params.max_new_tokens, truncate)
+    ids = fit_prompts(encode_prompts(tokenizer, prompts), model.config.n_ctx, params.max_new_tokens, truncate)
     engine = _engine(model, engine, ids, params, compile)
     with _EvalMode(model, speculative):
         if params.num_beams > 1:
@@ -236,7 +237,7 @@ def stream(
     if params.n != 1 or params.num_beams != 1:
         raise ValueError("stream produces one completion: use n=1 and num_beams=1 (or generate())")
     speculative = _speculation(speculative, model, params)
-    ids = fit_prompts(_encode_prompts(tokenizer, prompt), model.config.n_ctx, params.max_new_tokens, truncate)
+    ids = fit_prompts(encode_prompts(tokenizer, prompt), model.config.n_ctx, params.max_new_tokens, truncate)
     rows = make_rows(ids, params, tokenizer)
     runner = _engine(model, engine, ids, params, compile)
 
@@ -253,7 +254,7 @@ def stream(
                 if r.seq is not None:
                     runner.free(r.seq)
                     r.seq = None
-        _raise_failures(rows)
+        raise_failures(rows)
         tracker.finish()
         if text := tracker.delta(final=True):
             yield text
@@ -372,6 +373,12 @@ def run_generate(
             if speculative is not None:
                 print(speculation_line(engine), file=sys.stderr, flush=True)
 
+    return prompt_loop(complete, prompt, interactive, out)
+
+
+def prompt_loop(complete: Callable[[str], None], prompt: str | None, interactive: bool, out: Any) -> int:
+    """`gptlab generate`'s session: complete `prompt`, then with `interactive` each line read from stdin
+    until end of input or 'exit' / 'quit'."""
     if prompt is not None:
         complete(prompt)
     if not interactive:

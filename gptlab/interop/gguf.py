@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gptlab.config import ModelConfig
+from gptlab.interop.progress import Progress
 from gptlab.model import GPT
 
 if TYPE_CHECKING:
@@ -128,7 +129,12 @@ def _check_out_file(out_file: str | Path) -> Path:
 
 
 def write_gguf(
-    model: GPT, tokenizer: Tokenizer, out_file: str | Path, dtype: str = "f32", name: str | None = None
+    model: GPT,
+    tokenizer: Tokenizer,
+    out_file: str | Path,
+    dtype: str = "f32",
+    name: str | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write `model` and its tokenizer as one GGUF file (atomically) for llama.cpp's gpt2 architecture."""
     from tqdm.auto import tqdm
@@ -151,54 +157,63 @@ def write_gguf(
     # The writer streams to a temporary file beside the target; the rename makes the write atomic.
     tmp = out_file.with_name(f".tmp-{out_file.name}")
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(tmp), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
-    try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or config.name)
-        writer.add_context_length(config.n_ctx)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(config.d_ff)
-        writer.add_block_count(config.n_layer)
-        writer.add_head_count(config.n_head)
-        writer.add_layer_norm_eps(config.layer_norm_eps)
-        file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}[dtype]
-        writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
-        if dtype == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        eot = tokenizer.special_tokens[_EOT]
-        writer.add_bos_token_id(eot)
-        writer.add_eos_token_id(eot)
-        writer.add_unk_token_id(eot)
-        writer.add_add_bos_token(False)  # GPT-2 prompts start with text, not <|endoftext|>
-        for tensor_name, tensor in tqdm(_tensors(model), desc=f"gguf {dtype}", unit="tensor", leave=False):
-            data = tensor.detach().to("cpu", torch.float32).numpy()
-            stored, qtype = _encode_tensor(gguf, data, dtype)
-            writer.add_tensor(tensor_name, stored, raw_dtype=qtype)  # q8_0 bytes: shape derived
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        tmp.replace(out_file)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with (progress or Progress(enabled=False)).stage(f"writing {out_file.name} ({dtype}, {config.n_layer} layers)"):
+        writer = gguf.GGUFWriter(str(tmp), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+        try:
+            writer.add_type(gguf.GGUFType.MODEL)
+            writer.add_name(name or config.name)
+            writer.add_context_length(config.n_ctx)
+            writer.add_embedding_length(config.n_embd)
+            writer.add_feed_forward_length(config.d_ff)
+            writer.add_block_count(config.n_layer)
+            writer.add_head_count(config.n_head)
+            writer.add_layer_norm_eps(config.layer_norm_eps)
+            file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}[dtype]
+            writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
+            if dtype == "q8_0":
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre("gpt-2")
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            writer.add_token_merges(merges)
+            eot = tokenizer.special_tokens[_EOT]
+            writer.add_bos_token_id(eot)
+            writer.add_eos_token_id(eot)
+            writer.add_unk_token_id(eot)
+            writer.add_add_bos_token(False)  # GPT-2 prompts start with text, not <|endoftext|>
+            for tensor_name, tensor in tqdm(_tensors(model), desc=f"gguf {dtype}", unit="tensor", leave=False):
+                data = tensor.detach().to("cpu", torch.float32).numpy()
+                stored, qtype = _encode_tensor(gguf, data, dtype)
+                writer.add_tensor(tensor_name, stored, raw_dtype=qtype)  # q8_0 bytes: shape derived
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+            tmp.replace(out_file)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
     return out_file
 
 
-def export_gguf(src: str | Path, out_file: str | Path, dtype: str = "f32", tokenizer: str | Path | None = None) -> Path:
+def export_gguf(
+    src: str | Path,
+    out_file: str | Path,
+    dtype: str = "f32",
+    tokenizer: str | Path | None = None,
+    progress: Progress | None = None,
+) -> Path:
     """`gptlab export SRC --format gguf`: a gptlab checkpoint / run or Hugging Face GPT-2 directory."""
     from gptlab.checkpoint import load_model, load_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"GGUF dtype must be one of {list(DTYPES)}, got {dtype!r}")
     _check_out_file(out_file)
-    model = load_model(src)
-    check_gguf_compatible(model.config)
-    tok = load_tokenizer(tokenizer if tokenizer is not None else src)
-    return write_gguf(model, tok, out_file, dtype, name=Path(src).name)
+    progress = progress or Progress(enabled=False)
+    with progress.stage(f"loading {src}"):
+        model = load_model(src)
+        check_gguf_compatible(model.config)
+        tok = load_tokenizer(tokenizer if tokenizer is not None else src)
+    return write_gguf(model, tok, out_file, dtype, name=Path(src).name, progress=progress)

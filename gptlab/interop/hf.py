@@ -310,40 +310,50 @@ def save_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = None,
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     config = model.config
-    eos = None
-    if tokenizer is not None:
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                f"{config.vocab_size}; pass the tokenizer the model was trained with"
-            )
-        eos = tokenizer.special_tokens.get("<|endoftext|>")
-    elif config.vocab_size > 50256:
-        eos = 50256  # GPT-2's <|endoftext|>
+    eos = end_of_text_id(config, tokenizer)
     hf_config = model_config_to_hf_config(config, model.transformer.wte.weight.dtype, eos)
     state = gptlab_state_dict_to_hf(model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        generation = {"_from_model_config": True, "max_length": config.n_ctx}
-        if eos is not None:
-            generation |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)  # vocab.json + merges.txt + tokenizer_config.json, HF's GPT-2 format
-            tokenizer.save_tokenizer_json(tmp / "tokenizer.json")
-            settings = json.loads((tmp / "tokenizer_config.json").read_text())
-            settings |= {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": config.n_ctx}
-            if eos is not None:  # GPT-2 has no pad token; end-of-text pads, on the left for generation
-                eot = "<|endoftext|>"
-                settings |= {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
-                settings |= {"padding_side": "left"}
-                specials = {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
-                (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-            (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_generation_files(tmp, config.n_ctx, tokenizer, eos)
         (tmp / "README.md").write_text(_model_card(model, hf_config, tokenizer is not None, source))
     return out_dir
+
+
+def write_generation_files(directory: Path, n_ctx: int, tokenizer: Tokenizer | None, eos: int | None) -> None:
+    """`generation_config.json` and, with a tokenizer, its slow files and `tokenizer.json` (fast) with
+    end-of-text as bos / eos / pad and left padding: what Hugging Face loaders (transformers, Optimum)
+    read from a model directory."""
+    generation = {"_from_model_config": True, "max_length": n_ctx}
+    if eos is not None:
+        generation |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is None:
+        return
+    tokenizer.save(directory)  # vocab.json + merges.txt + tokenizer_config.json, HF's GPT-2 format
+    tokenizer.save_tokenizer_json(directory / "tokenizer.json")
+    settings = json.loads((directory / "tokenizer_config.json").read_text())
+    settings |= {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": n_ctx}
+    if eos is not None:  # GPT-2 has no pad token; end-of-text pads, on the left for generation
+        eot = "<|endoftext|>"
+        specials = {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+        settings |= specials | {"padding_side": "left"}
+        (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def end_of_text_id(config: ModelConfig, tokenizer: Tokenizer | None) -> int | None:
+    """The end-of-text id a Hugging Face directory names as bos / eos / pad (GPT-2's without a tokenizer)."""
+    if tokenizer is not None:
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                f"{config.vocab_size}; pass the tokenizer the model was trained with"
+            )
+        return tokenizer.special_tokens.get("<|endoftext|>")
+    return 50256 if config.vocab_size > 50256 else None  # GPT-2's <|endoftext|>
 
 
 def _model_card(model: GPT, hf_config: dict, has_tokenizer: bool, source: str | None) -> str:

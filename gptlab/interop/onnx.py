@@ -1,22 +1,26 @@
-"""ONNX export: `model.onnx` (input_ids -> logits) and `model_with_past.onnx` (incremental decoding).
+"""ONNX export: one graph, `model.onnx`, in the layout Hugging Face Optimum's `ORTModelForCausalLM` loads,
+beside a `config.json` (GPT-2's), `generation_config.json` and the tokenizer (slow files and tokenizer.json).
 
-Both graphs come from `torch.onnx.export` (the dynamo exporter, torch's default since 2.9) tracing a
+The graph comes from `torch.onnx.export` (the dynamo exporter, torch's default since 2.9) tracing a
 small wrapper that computes the GPT forward pass from the model's own weights with explicit tensors:
-a boolean attention mask instead of the inference engine's block tables, and past keys / values as graph inputs.
-`GPT` itself is untouched; tests check the exported logits against it within 1e-4 in fp32.
+a boolean attention mask instead of the inference engine's block tables, and past keys / values as graph
+inputs. `GPT` itself is untouched; tests check the exported logits against it within 1e-4 in fp32, and
+load the directory in Optimum.
 
-`model_with_past.onnx`
+`model.onnx` (Optimum's names, so `ORTModelForCausalLM.from_pretrained(DIR)` generates with its KV cache)
     inputs   input_ids (B, T) int64, attention_mask (B, P + T) int64 (1 = real token, 0 = left padding),
-             past_key.{i} / past_value.{i} (B, nh, P, hs) for each layer i (P may be 0)
-    outputs  logits (B, T, vocab), present_key.{i} / present_value.{i} (B, nh, P + T, hs)
-Position ids are `cumsum(attention_mask) - 1`, so left-padded batches get the same positions as
-gptlab's generation loop. Locally banded layers (GPT-3's alternating pattern) apply the band over cache
-slots, as `GPT` does.
+             position_ids (B, T) int64, past_key_values.{i}.key / .value (B, nh, P, hs) per layer i (P may be 0)
+    outputs  logits (B, T, vocab), present.{i}.key / .value (B, nh, P + T, hs)
+Left-padded batches take position ids `cumsum(attention_mask) - 1`, as gptlab's generation loop and
+transformers do. Locally banded layers (GPT-3's alternating pattern) apply the band over cache slots, as
+`GPT` does; the graph carries the band, so Optimum runs such a model too (its config.json says gpt2,
+whose own attention is dense: `gptlab` in config.json records the real config).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import warnings
@@ -28,21 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptlab.config import ModelConfig
+from gptlab.interop.progress import Progress
 from gptlab.model import GPT
 
 MODEL_FILE = "model.onnx"
-WITH_PAST_FILE = "model_with_past.onnx"
 EXPORT_INFO_FILE = "export.json"
 _EXTRA = "pip install 'gptlab[export]'"
 
 
-def _require(module: str) -> Any:
+def require(module: str) -> Any:
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"ONNX export needs the {module} package ({e}); {_EXTRA}") from None
+        raise ImportError(f"ONNX export and decoding need the {module} package ({e}); {_EXTRA}") from None
 
 
 class _Exportable(nn.Module):
@@ -92,33 +97,21 @@ class _Exportable(nn.Module):
         return dense, local
 
 
-class LogitsModule(_Exportable):
-    """input_ids (B, T) -> logits (B, T, vocab), the graph of `model.onnx`."""
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)[None, :]
-        valid = torch.ones_like(input_ids, dtype=torch.bool)
-        mask, local_mask = self._masks(valid, T)
-        return self._run(input_ids, positions, mask, local_mask, ())[0]
-
-
 class WithPastModule(_Exportable):
-    """(input_ids, attention_mask, *past) -> (logits, *present), the graph of `model_with_past.onnx`."""
+    """(input_ids, attention_mask, position_ids, *past) -> (logits, *present): the graph of `model.onnx`."""
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor) -> tuple:
         T = input_ids.shape[1]
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         mask, local_mask = self._masks(attention_mask.bool(), T)
-        logits, presents = self._run(input_ids, positions, mask, local_mask, past)
+        logits, presents = self._run(input_ids, position_ids, mask, local_mask, past)
         return (logits, *presents)
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    """Input and output names of `model_with_past.onnx`."""
-    past = [f"past_{kind}.{i}" for i in range(n_layer) for kind in ("key", "value")]
-    present = [f"present_{kind}.{i}" for i in range(n_layer) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", *past], ["logits", *present]
+    """Input and output names of `model.onnx` (Optimum's: past_key_values.{i}.key, present.{i}.key, ...)."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
 @contextlib.contextmanager
@@ -145,9 +138,9 @@ def _export(module: nn.Module, args: tuple, file: Path, names: tuple[list[str], 
     with warnings.catch_warnings(), _quiet_logger("torch.onnx"), torch.no_grad():
         warnings.simplefilter("ignore")  # both exporters warn about their own internals on every call
         if exporter == "torchscript":
-            axes = {n: {0: "batch", 1: "sequence"} for n in ("input_ids", "logits")}
+            axes = {n: {0: "batch", 1: "sequence"} for n in ("input_ids", "position_ids", "logits")}
             axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
-            axes |= {n: {0: "batch", 2: "past_sequence"} for n in in_names[2:]}
+            axes |= {n: {0: "batch", 2: "past_sequence"} for n in in_names[3:]}
             axes |= {n: {0: "batch", 2: "total_sequence"} for n in out_names[1:]}
             torch.onnx.export(
                 module,
@@ -160,12 +153,11 @@ def _export(module: nn.Module, args: tuple, file: Path, names: tuple[list[str], 
                 opset_version=17,
             )
             return
-        _require("onnxscript")
+        require("onnxscript")
         dyn = torch.export.Dim.DYNAMIC  # P + T relations between inputs are inferred by torch.export
-        shapes: dict[str, Any] = {"input_ids": {0: dyn, 1: dyn}}
-        if len(args) > 1:
-            shapes["attention_mask"] = {0: dyn, 1: dyn}
-            shapes["past"] = tuple({0: dyn, 2: dyn} for _ in args[2:])
+        shapes: dict[str, Any] = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
+        shapes["position_ids"] = {0: dyn, 1: dyn}
+        shapes["past"] = tuple({0: dyn, 2: dyn} for _ in args[3:])
         program = torch.onnx.export(
             module,
             args,
@@ -179,45 +171,61 @@ def _export(module: nn.Module, args: tuple, file: Path, names: tuple[list[str], 
         program.save(str(file))  # weights over 2 GB go to an external data file beside it
 
 
-def export_onnx(model: GPT, out_dir: str | Path, tokenizer: Any = None, exporter: str = "dynamo") -> Path:
-    """Write model.onnx, model_with_past.onnx, export.json (and the tokenizer) into `out_dir`, atomically."""
+def optimum_config(config: ModelConfig, eos: int | None) -> dict[str, Any]:
+    """config.json: GPT-2's keys (what Optimum reads: model type, heads, width, use_cache) and, under
+    `gptlab`, the model's own config (GPT-3's banded layers, which GPT-2's config cannot say)."""
+    from gptlab.interop.hf import model_config_to_hf_config
+
+    hf = model_config_to_hf_config(dataclasses.replace(config, attn_pattern="dense"), torch.float32, eos)
+    return {**hf, "gptlab": config.to_dict()}
+
+
+def export_onnx(
+    model: GPT, out_dir: str | Path, tokenizer: Any = None, exporter: str = "dynamo", progress: Progress | None = None
+) -> Path:
+    """Write model.onnx, config.json, generation_config.json, export.json (and the tokenizer) into
+    `out_dir`, atomically; `progress` reports each stage."""
     from gptlab.checkpoint import atomic_dir
+    from gptlab.interop.hf import end_of_text_id, write_generation_files
 
     if exporter not in EXPORTERS:
         raise ValueError(f"ONNX exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
-    _require("onnx")
+    require("onnx")
+    progress = progress or Progress(enabled=False)
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     config = model.config
     if config.n_ctx < 7:
         raise ValueError(f"ONNX export traces with 7 positions; the model's context is only {config.n_ctx}")
+    eos = end_of_text_id(config, tokenizer)
     was_training = model.training
     model.eval()
     # Example sizes of at least 2: torch.export would specialise a size of 0 or 1 into a constant.
     B, T, P = 2, 3, 4
     ids = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.arange(P, P + T)[None, :].expand(B, T)
     in_names, out_names = io_names(config.n_layer)
     past = tuple(torch.zeros(B, config.n_head, P, config.head_size) for _ in range(2 * config.n_layer))
     mask = torch.ones(B, P + T, dtype=torch.long)
     try:
         with atomic_dir(out_dir) as tmp:
             float_model = model if next(model.parameters()).dtype == torch.float32 else _float_copy(model)
-            logits_names = (["input_ids"], ["logits"])
-            _export(LogitsModule(float_model), (ids,), tmp / MODEL_FILE, logits_names, exporter)
-            past_args, past_names = (ids, mask, *past), (in_names, out_names)
-            _export(WithPastModule(float_model), past_args, tmp / WITH_PAST_FILE, past_names, exporter)
-            info = {
-                "format": "gptlab-onnx",
-                "exporter": exporter,
-                "model": config.to_dict(),
-                "files": {"logits": MODEL_FILE, "with_past": WITH_PAST_FILE},
-                "inputs": in_names,
-                "outputs": out_names,
-                "past_shape": ["batch", config.n_head, "past_sequence", config.head_size],
-            }
-            (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            if tokenizer is not None:
-                tokenizer.save(tmp / "tokenizer")
+            with progress.stage(f"tracing the model into {MODEL_FILE} (torch.onnx, {exporter} exporter)"):
+                module = WithPastModule(float_model)
+                _export(module, (ids, mask, positions, *past), tmp / MODEL_FILE, (in_names, out_names), exporter)
+            with progress.stage("writing config.json, generation_config.json and the tokenizer"):
+                info = {
+                    "format": "gptlab-onnx",
+                    "exporter": exporter,
+                    "model": config.to_dict(),
+                    "file": MODEL_FILE,
+                    "inputs": in_names,
+                    "outputs": out_names,
+                    "past_shape": ["batch", config.n_head, "past_sequence", config.head_size],
+                }
+                (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+                (tmp / "config.json").write_text(json.dumps(optimum_config(config, eos), indent=2) + "\n")
+                write_generation_files(tmp, config.n_ctx, tokenizer, eos)
     finally:
         model.train(was_training)
     return Path(out_dir)
@@ -230,84 +238,26 @@ def _float_copy(model: GPT) -> GPT:
 
 
 def export_checkpoint_onnx(
-    src: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None, exporter: str = "dynamo"
+    src: str | Path,
+    out_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    exporter: str = "dynamo",
+    progress: Progress | None = None,
 ) -> Path:
     """`gptlab export SRC --format onnx`: a gptlab checkpoint / run or Hugging Face GPT-2 directory.
 
-    The tokenizer (when the checkpoint has one, or `tokenizer` names it) is saved under out_dir/tokenizer.
+    The tokenizer (when the checkpoint has one, or `tokenizer` names it) is saved into out_dir in
+    Hugging Face's files, which gptlab reads too.
     """
     from gptlab.checkpoint import load_model, load_tokenizer
 
-    model = load_model(src)
-    tok = None
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            tok = load_tokenizer(src)  # a model trained on raw ids exports without one
-    return export_onnx(model, out_dir, tok, exporter)
-
-
-# ---- running the exported graphs with onnxruntime ------------------------------------------------
-class OnnxDecoder:
-    """Greedy incremental decoding over `model_with_past.onnx` with onnxruntime (CPU)."""
-
-    def __init__(self, export_dir: str | Path, threads: int | None = None) -> None:
-        ort = _require("onnxruntime")
-        export_dir = Path(export_dir)
-        file = export_dir / WITH_PAST_FILE
-        for needed in (file, export_dir / EXPORT_INFO_FILE):
-            if not needed.is_file():
-                raise FileNotFoundError(
-                    f"{needed} does not exist; write the directory with `gptlab export CKPT --format onnx --out DIR`"
-                )
-        info = json.loads((export_dir / EXPORT_INFO_FILE).read_text())
-        self.n_layer, self.n_head = info["model"]["n_layer"], info["model"]["n_head"]
-        self.head_size = info["model"]["n_embd"] // self.n_head
-        self.n_ctx = info["model"]["n_ctx"]
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
-        self.inputs, self.outputs = io_names(self.n_layer)
-
-    def step(self, ids: Any, mask: Any, past: list[Any]) -> tuple[Any, list[Any]]:
-        """One forward call: (B, T) ids, (B, P + T) mask, 2 * n_layer past arrays -> logits, presents."""
-        feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.inputs[2:], past, strict=True))}
-        logits, *present = self.session.run(self.outputs, feed)
-        return logits, present
-
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation of each prompt (left-padded to a batch); new ids only."""
-        import numpy as np
-
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("pass one or more non-empty prompts (lists of token ids)")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.n_ctx:
-            raise ValueError(
-                f"{longest} prompt tokens + {max_new_tokens} new tokens exceed the context of {self.n_ctx}"
-            )
-        B = len(prompts)
-        ids = np.zeros((B, longest), dtype=np.int64)
-        mask = np.zeros((B, longest), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, longest - len(p) :] = p
-            mask[b, longest - len(p) :] = 1
-        past = [np.zeros((B, self.n_head, 0, self.head_size), dtype=np.float32) for _ in self.inputs[2:]]
-        out = np.zeros((B, max_new_tokens), dtype=np.int64)
-        for t in range(max_new_tokens):
-            logits, past = self.step(ids, mask, past)
-            ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            out[:, t] = ids[:, 0]
-            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-        return out.tolist()
-
-
-def run_logits(export_dir: str | Path, input_ids: Any) -> Any:
-    """Logits of `model.onnx` for an int64 (B, T) array (a convenience for checks)."""
-    import numpy as np
-
-    ort = _require("onnxruntime")
-    session = ort.InferenceSession(str(Path(export_dir) / MODEL_FILE), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"input_ids": np.asarray(input_ids, dtype=np.int64)})[0]
+    progress = progress or Progress(enabled=False)
+    with progress.stage(f"loading {src}"):
+        model = load_model(src)
+        tok = None
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tok = load_tokenizer(src)  # a model trained on raw ids exports without one
+    return export_onnx(model, out_dir, tok, exporter, progress)

@@ -145,12 +145,30 @@ class TrainSection:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None: a table for known GPUs, a measured matmul peak on CPU."""
-    tensorboard: bool = True
-    """Also log to RUN_DIR/tensorboard when tensorboard is installed."""
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides RUN_DIR/metrics.jsonl: any of 'tensorboard' (RUN_DIR/tensorboard),
+    'wandb' (Weights & Biases; WANDB_MODE=offline keeps the run on disk), 'mlflow'; each an extra of the
+    same name. On the command line: --train.loggers tensorboard,wandb."""
+    tensorboard: bool | None = None
+    """The older switch, kept for existing configs: true adds 'tensorboard' to `loggers`, false removes it."""
+    project: str = "gptlab"
+    """W&B project and MLflow experiment the run is logged under."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server or store (e.g. sqlite:///mlflow.db); None: MLFLOW_TRACKING_URI, else MLflow's default."""
     progress: bool = True
     """Show a tqdm progress bar."""
     threads: int | None = None
     """CPU threads per process (torch.set_num_threads); None: torch's default."""
+
+    def __post_init__(self) -> None:
+        from gptlab.train.loggers import check_logger_names
+
+        check_logger_names(self.loggers)
+        keep_tensorboard = self.tensorboard is not False
+        loggers = [name for name in dict.fromkeys(self.loggers) if name != "tensorboard" or keep_tensorboard]
+        if self.tensorboard and "tensorboard" not in loggers:
+            loggers.insert(0, "tensorboard")
+        self.loggers, self.tensorboard = loggers, None  # one source of truth from here on
 
 
 @dataclass

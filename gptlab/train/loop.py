@@ -6,7 +6,7 @@
     batch, whatever the world size and micro-batch size;
   - AdamW (decay on matrices only), warm-up + cosine schedule, global-norm clipping, bf16 autocast;
   - skips a step whose loss or gradient is not finite, and stops after `max_nonfinite_steps` in a row;
-  - validation, metrics.jsonl / TensorBoard / loss.png, atomic checkpoints with the full resume state.
+  - validation, metrics.jsonl / TensorBoard / W&B / MLflow / loss.png, atomic checkpoints with the full resume state.
 The task decides what trains (`trainable_parameters`), on which batches (`batch`) with which loss
 (`loss`); see gptlab/train/task.py.
 """
@@ -178,7 +178,10 @@ def _train(
         cfg.save(run_dir / RUN_CONFIG)
         if tokenizer is not None and not (run_dir / "tokenizer").is_dir():
             tokenizer.save(run_dir / "tokenizer")
-    logger = MetricsLogger(run_dir, t.tensorboard, state.step if start_from else None) if d.is_main else None
+    logger = None
+    if d.is_main:
+        resume_step = state.step if start_from else None
+        logger = MetricsLogger(run_dir, t.loggers, resume_step, cfg.to_dict(), t.project, t.mlflow_tracking_uri)
     try:
         return _run(cfg, d, wrapped, model, optimizer, params, task, state, run_dir, dtype, tokenizer, logger)
     finally:

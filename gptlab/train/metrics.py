@@ -1,11 +1,11 @@
-"""Training metrics: metrics.jsonl, TensorBoard (optional), loss.png, and the peak FLOP/s behind MFU."""
+"""Training metrics: metrics.jsonl (and the optional loggers), loss.png, and the peak FLOP/s behind MFU."""
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,24 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | Non
 
 
 class MetricsLogger:
-    """Writes one JSON object per row to metrics.jsonl (and TensorBoard); draws loss.png on request."""
+    """Writes one JSON object per row to metrics.jsonl, passes each row to the `train.loggers` asked
+    for (TensorBoard, W&B, MLflow: gptlab.train.loggers), and draws loss.png on request."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        loggers: Sequence[str] = ("tensorboard",),
+        resume_step: int | None = None,
+        config: dict[str, Any] | None = None,
+        project: str = "gptlab",
+        mlflow_tracking_uri: str | None = None,
+    ) -> None:
+        """`config`: the run's resolved config, logged as hyperparameters where the logger keeps them."""
+        from gptlab.train.loggers import open_loggers
+
         self.run_dir = run_dir
         self.file = run_dir / METRICS_FILE
+        self.loggers = open_loggers(loggers, run_dir, config, project, mlflow_tracking_uri, resume_step is not None)
         if resume_step is not None and self.file.is_file():
             # Rows past the resumed checkpoint belong to the interrupted session and will be redone.
             kept = [r for r in read_metrics(self.file) if r.get("step", 0) <= resume_step]
@@ -70,39 +83,24 @@ class MetricsLogger:
         elif resume_step is None and self.file.is_file():
             self.file.unlink()
         self._fh = open(self.file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional, but asked for: say so once rather than skip silently
-                print(
-                    "gptlab: warning: TensorBoard logging skipped: tensorboard is not installed "
-                    "(pip install 'gptlab[tensorboard]', or set train.tensorboard = false)",
-                    file=sys.stderr,
-                )
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
+        from gptlab.train.loggers import scalar_tags
+
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            step = row["step"]
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float) and value is not None:
-                    # Double precision: `time` (seconds since 1970) in float32 is off by up to 64 s.
-                    tag = f"train/{key}" if key != "val_loss" else "val/loss"
-                    self._tb.add_scalar(tag, value, step, new_style=True, double_precision=True)
-            self._tb.flush()
+        if self.loggers:
+            scalars = scalar_tags(row)
+            for logger in self.loggers:
+                logger.log(row["step"], scalars)
 
     def plot(self) -> Path | None:
         return plot_loss(self.file, self.run_dir / LOSS_PLOT)
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def read_metrics(file: Path) -> list[dict[str, Any]]:
