@@ -322,8 +322,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     few.add_argument("--shots", type=int, default=0, help="train-split examples put before each item")
     few.add_argument("--seed", type=int, default=1234, help="seed of the example draw")
     few.add_argument("--limit", type=int, default=None, help="score only the first N test items")
+    suite = esub.add_parser(
+        "suite", help="the GPT-3 paper's tasks (LAMBADA, HellaSwag, PIQA, ARC, OpenBookQA, WinoGrande, BoolQ, "
+        "TriviaQA) at zero, one and few shots: results table, JSON and plots"
+    )
+    suite.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help=checkpoint_help + " (one or more)")
+    suite.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    suite.add_argument("--shots", default="0,1,5", help="comma-separated numbers of examples in the prompt")
+    suite.add_argument("--data", default=None, metavar="PATH",
+                       help="directory holding each task's distributed files under PATH/<task>/ (default: "
+                       "the Hugging Face hub through `datasets`, when online)")  # fmt: skip
+    suite.add_argument("--style", choices=("paper", "lm-eval"), default="paper",
+                       help="prompt formats: the GPT-3 paper's appendix G, or lm-evaluation-harness's")  # fmt: skip
+    suite.add_argument("--seed", type=int, default=1234, help="seed of the example draws")
+    suite.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    suite.add_argument("--out", default="suite", metavar="DIR", help="where results.md/.json and the plots go")
     for q in (ppl, few):
         q.add_argument("--out", default=None, metavar="FILE.json", help="also write the full result as JSON")
+    for q in (ppl, few, suite):
         q.add_argument("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
         q.add_argument("--device", type=_device, default="cpu", help="torch device")
         q.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
@@ -345,6 +361,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                 f"tokens {r['tokens']}  nll {r['nll']:.4f}  perplexity {r['perplexity']:.3f}  "
                 f"bits/byte {r['bits_per_byte']:.4f}  (max_length {r['max_length']}, stride {r['stride']})"
             )
+        elif args.eval_command == "suite":
+            from gptlab.eval.suite_run import run_suite
+
+            r = run_suite(
+                args.checkpoints, args.tasks, args.shots, data=args.data, style=args.style, seed=args.seed,
+                limit=args.limit, **common,
+            )
+            print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+            print("wrote " + ", ".join(r["files"]))
         else:
             from gptlab.eval.fewshot import run_fewshot
 
