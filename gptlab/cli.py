@@ -643,6 +643,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _eval_task_names(text: str) -> list[str]:
+    from gptlab.eval.suite_tasks import parse_tasks
+
+    return parse_tasks(text) if text.strip() else []
+
+
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
@@ -674,6 +680,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=0, help="stop after N evaluations without improvement")
     p.add_argument("--metric", help="early-stopping metric (default val_accuracy / val_loss for sft)")
     p.add_argument("--eval-interval", type=int, help="steps between evaluations (default once per epoch)")
+    p.add_argument("--eval-tasks", default="", metavar="TASKS",
+                   help="GPT-3 paper tasks (e.g. hellaswag,lambada_openai) scored every --eval-interval steps")
+    p.add_argument("--eval-tasks-data", metavar="PATH", help="their distributed files (as `eval suite --data`)")
+    p.add_argument("--eval-tasks-items", type=int, default=100, help="items of each task scored (default 100)")
+    p.add_argument("--eval-tasks-shots", type=int, default=0, help="examples in each prompt (default 0)")
     p.add_argument("--max-length", type=int, help="classification: tokens kept per text (default n_ctx)")
     p.add_argument("--keep-last", action="store_true", help="output the last weights, not the best on --val")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
@@ -698,7 +709,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             patience=args.patience, metric=args.metric, eval_interval=args.eval_interval,
             max_length=args.max_length, keep_best=not args.keep_last, merge=args.merge, resume=args.resume,
             seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-            train_overrides=parse_dotted_args(args.overrides),
+            train_overrides=parse_dotted_args(args.overrides), eval_tasks=_eval_task_names(args.eval_tasks),
+            eval_tasks_data=args.eval_tasks_data, eval_tasks_items=args.eval_tasks_items,
+            eval_tasks_shots=args.eval_tasks_shots,
         )
         r = finetune(cfg)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k.startswith("val_"))

@@ -4,6 +4,7 @@ on the same items (its Hugging Face backend, the same tiny random GPT-2), the CL
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -271,3 +272,74 @@ def test_cli_suite_writes_table_json_and_plots(hf_dir: Path, ours, tmp_path: Pat
     assert table in printed and "| piqa | acc_token | 5 |" in table and "| lambada_openai | ppl | 7 |" in table
     for png in ("accuracy_vs_shots.png", "accuracy_vs_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- during training ---------------------------------------------------------------------------------
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_eval_tasks_every_interval_logged_plotted_and_reported(
+    tiny_tokenizer, tiny_corpus: list[str], tmp_path: Path
+) -> None:
+    from gptlab.checkpoint import load_model
+    from gptlab.data.prepare import prepare
+    from gptlab.reports.run_report import write_report
+    from gptlab.train.config import load_train_config
+    from gptlab.train.pretrain import pretrain
+
+    files = []
+    for i, text in enumerate(tiny_corpus):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    tiny_tokenizer.save(tmp_path / "tok")
+    prepare(files, tmp_path / "ds", tiny_tokenizer, val_fraction=0.25, progress=False)
+    run = tmp_path / "run"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    cfg = load_train_config(None, {
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.n_ctx": 128,
+        "data.dataset": str(tmp_path / "ds"), "data.tokenizer": str(tmp_path / "tok"), "data.seq_len": 32,
+        "train.batch_size": 4, "train.max_steps": 6,
+        "train.eval_interval": 3, "train.eval_batches": 1, "train.log_interval": 2, "train.progress": False,
+        "train.run_dir": str(run), "train.dtype": "float32", "train.threads": 1, "train.tensorboard": tensorboard,
+        "train.eval_tasks": "piqa,lambada_openai", "train.eval_tasks_data": str(FIXTURES),
+        "train.eval_tasks_items": 3, "train.eval_tasks_shots": 1,
+    })  # fmt: skip
+    assert cfg.train.eval_tasks == ["piqa", "lambada_openai"]
+    pretrain(cfg)
+    scored = [r for r in _rows(run) if "eval/piqa" in r]
+    assert [r["step"] for r in scored] == [3, 6]
+    assert all({"eval/lambada_openai", "eval/lambada_openai_ppl"} <= set(r) for r in scored)
+    # the last scores are those of the final weights, on the first 3 items with the same 1-shot prompts
+    model = load_model(run)
+    for task, key in (("piqa", "eval/piqa"), ("lambada_openai", "eval/lambada_openai_ppl")):
+        ref = evaluate_suite_task(model, tiny_tokenizer, task, 1, data=FIXTURES, limit=3)
+        want = ref["metrics"]["ppl"] if key.endswith("_ppl") else ref["value"]
+        assert scored[-1][key] == pytest.approx(want, rel=1e-4)
+    assert scored[0]["eval/lambada_openai_ppl"] != scored[-1]["eval/lambada_openai_ppl"]  # the weights moved
+    assert (run / "eval_tasks.png").read_bytes()[:4] == b"\x89PNG"
+    report = write_report(run, sample=False).read_text()
+    assert "| eval/piqa |" in report and "report_eval_tasks.png" in report
+    if not tensorboard:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    assert [e.step for e in events.Tensors("eval/piqa")] == [3, 6]
+
+
+def test_finetune_eval_tasks_flag(hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from gptlab.cli import main
+
+    train = tmp_path / "sft.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Q: {i}+1?\nA:", "completion": f" {i + 1}"}) + "\n"
+                             for i in range(8)))  # fmt: skip
+    out = tmp_path / "ft"
+    args = ["finetune", "--task", "sft", "--base", str(hf_dir), "--train", str(train), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--eval-interval", "1", "--eval-tasks", "winogrande",
+            "--eval-tasks-data", str(FIXTURES), "--eval-tasks-items", "2", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    rows = [r for r in _rows(out / "train") if "eval/winogrande" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["eval/winogrande"] <= 1 for r in rows)
+    bad = [a if a != "winogrande" else "mmlu" for a in args]
+    assert main(bad) == 2 and "unknown task 'mmlu'" in capsys.readouterr().err

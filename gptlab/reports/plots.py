@@ -167,3 +167,39 @@ def plot_suite_sizes(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """`gptlab eval suite` results: each task's metric against parameters (log scale), one line per
     number of shots (zero, one, few: the GPT-3 paper's presentation)."""
     return _suite_panels(rows, path, "params", "shots", "parameters", log_x=True)
+
+
+def eval_task_series(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """{"eval/<task>": [(tokens, score), ...]} from metrics rows (what `train.eval_tasks` logs)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("eval/") and value is not None and r.get("tokens") is not None:
+                series.setdefault(key, []).append((r["tokens"], value))
+    return series
+
+
+def plot_eval_tasks(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """The `train.eval_tasks` scores against tokens seen (perplexities on a second, log axis); None when
+    none were logged."""
+    series = eval_task_series(rows)
+    if not series:
+        return None
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ppl_ax = None
+    for key, points in series.items():
+        if key.endswith("_ppl"):
+            ppl_ax = ppl_ax or ax.twinx()
+            ppl_ax.plot(*zip(*points, strict=True), "s--", markersize=3, label=key, color="grey")
+        else:
+            ax.plot(*zip(*points, strict=True), "o-", markersize=3, label=key.removeprefix("eval/"))
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy (the paper's metric)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    if ppl_ax is not None:
+        ppl_ax.set_yscale("log")
+        ppl_ax.set_ylabel("perplexity")
+        ppl_ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)

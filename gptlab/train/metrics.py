@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+EVAL_TASKS_PLOT = "eval_tasks.png"
 
 
 @functools.cache
@@ -92,11 +93,16 @@ class MetricsLogger:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and value is not None:
                     # Double precision: `time` (seconds since 1970) in float32 is off by up to 64 s.
-                    tag = f"train/{key}" if key != "val_loss" else "val/loss"
+                    tag = key if "/" in key else f"train/{key}" if key != "val_loss" else "val/loss"
                     self._tb.add_scalar(tag, value, step, new_style=True, double_precision=True)
             self._tb.flush()
 
     def plot(self) -> Path | None:
+        """loss.png, and eval_tasks.png once `train.eval_tasks` scores have been logged."""
+        from gptlab.reports.plots import plot_eval_tasks
+
+        if self.file.is_file():
+            plot_eval_tasks(read_metrics(self.file), self.run_dir / EVAL_TASKS_PLOT)
         return plot_loss(self.file, self.run_dir / LOSS_PLOT)
 
     def close(self) -> None:
