@@ -322,8 +322,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     few.add_argument("--shots", type=int, default=0, help="train-split examples put before each item")
     few.add_argument("--seed", type=int, default=1234, help="seed of the example draw")
     few.add_argument("--limit", type=int, default=None, help="score only the first N test items")
+    suite = esub.add_parser(
+        "suite", help="the GPT-3 paper's tasks (LAMBADA, HellaSwag, PIQA, ARC, OpenBookQA, WinoGrande, BoolQ, "
+        "TriviaQA) at zero, one and few shots: results table, JSON and plots"
+    )
+    suite.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help=checkpoint_help + " (one or more)")
+    suite.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    suite.add_argument("--shots", default="0,1,5", help="comma-separated numbers of examples in the prompt")
+    suite.add_argument("--data", default=None, metavar="PATH",
+                       help="directory holding each task's distributed files under PATH/<task>/ (default: "
+                       "the Hugging Face hub through `datasets`, when online)")  # fmt: skip
+    suite.add_argument("--style", choices=("paper", "lm-eval"), default="paper",
+                       help="prompt formats: the GPT-3 paper's appendix G, or lm-evaluation-harness's")  # fmt: skip
+    suite.add_argument("--seed", type=int, default=1234, help="seed of the example draws")
+    suite.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    suite.add_argument("--out", default="suite", metavar="DIR", help="where results.md/.json and the plots go")
     for q in (ppl, few):
         q.add_argument("--out", default=None, metavar="FILE.json", help="also write the full result as JSON")
+    for q in (ppl, few, suite):
         q.add_argument("--tokenizer", default=None, metavar="DIR", help="default: the checkpoint's tokenizer")
         q.add_argument("--device", type=_device, default="cpu", help="torch device")
         q.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
@@ -345,6 +361,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                 f"tokens {r['tokens']}  nll {r['nll']:.4f}  perplexity {r['perplexity']:.3f}  "
                 f"bits/byte {r['bits_per_byte']:.4f}  (max_length {r['max_length']}, stride {r['stride']})"
             )
+        elif args.eval_command == "suite":
+            from gptlab.eval.suite_run import run_suite
+
+            r = run_suite(
+                args.checkpoints, args.tasks, args.shots, data=args.data, style=args.style, seed=args.seed,
+                limit=args.limit, **common,
+            )
+            print((Path(args.out) / "results.md").read_text(encoding="utf-8"), end="")
+            print("wrote " + ", ".join(r["files"]))
         else:
             from gptlab.eval.fewshot import run_fewshot
 
@@ -682,6 +707,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _eval_task_names(text: str) -> list[str]:
+    from gptlab.eval.suite_tasks import parse_tasks
+
+    return parse_tasks(text) if text.strip() else []
+
+
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
@@ -713,6 +744,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=0, help="stop after N evaluations without improvement")
     p.add_argument("--metric", help="early-stopping metric (default val_accuracy / val_loss for sft)")
     p.add_argument("--eval-interval", type=int, help="steps between evaluations (default once per epoch)")
+    p.add_argument("--eval-tasks", default="", metavar="TASKS",
+                   help="GPT-3 paper tasks (e.g. hellaswag,lambada_openai) scored every --eval-interval steps")
+    p.add_argument("--eval-tasks-data", metavar="PATH", help="their distributed files (as `eval suite --data`)")
+    p.add_argument("--eval-tasks-items", type=int, default=100, help="items of each task scored (default 100)")
+    p.add_argument("--eval-tasks-shots", type=int, default=0, help="examples in each prompt (default 0)")
     p.add_argument("--max-length", type=int, help="classification: tokens kept per text (default n_ctx)")
     p.add_argument("--keep-last", action="store_true", help="output the last weights, not the best on --val")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
@@ -737,7 +773,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             patience=args.patience, metric=args.metric, eval_interval=args.eval_interval,
             max_length=args.max_length, keep_best=not args.keep_last, merge=args.merge, resume=args.resume,
             seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-            train_overrides=parse_dotted_args(args.overrides),
+            train_overrides=parse_dotted_args(args.overrides), eval_tasks=_eval_task_names(args.eval_tasks),
+            eval_tasks_data=args.eval_tasks_data, eval_tasks_items=args.eval_tasks_items,
+            eval_tasks_shots=args.eval_tasks_shots,
         )
         r = finetune(cfg)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k.startswith("val_"))

@@ -61,3 +61,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_env(tmp_path_factory: pytest.TempPathFactory):
+    """lm-eval imported with the Hugging Face hub offline and a private datasets cache; the `gptlab`
+    model type registered."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("hf-cache")
+    env = {
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cache),
+        "HF_DATASETS_CACHE": str(cache / "datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for var, value in env.items():
+        mp.setenv(var, value)
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'gptlab[eval]')")
+    import gptlab.eval.lm_eval_adapter  # noqa: F401  (registers the "gptlab" model)
+
+    yield lm_eval
+    mp.undo()

@@ -337,26 +337,6 @@ def test_cli_perplexity_and_fewshot(
 
 
 # ---- lm-evaluation-harness ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lm_eval_env(tmp_path_factory: pytest.TempPathFactory):
-    mp = pytest.MonkeyPatch()
-    cache = tmp_path_factory.mktemp("hf-cache")
-    env = {
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(cache),
-        "HF_DATASETS_CACHE": str(cache / "datasets"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    for var, value in env.items():
-        mp.setenv(var, value)
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'gptlab[eval]')")
-    import gptlab.eval.lm_eval_adapter  # noqa: F401  (registers the "gptlab" model)
-
-    yield lm_eval
-    mp.undo()
-
-
 def _small_task(tmp_path: Path, source: str, n: int) -> Path:
     task = load_task(EXAMPLES / source)
     task.test = task.test[:n]

@@ -74,6 +74,12 @@ class FinetuneConfig:
     device: str = "auto"
     dtype: str = "float32"
     progress: bool = True
+    eval_tasks: list[str] = field(default_factory=list)
+    """GPT-3 paper tasks scored every eval_interval steps (the loop's `train.eval_tasks`)."""
+    eval_tasks_data: str | None = None
+    """Directory of their distributed files (`gptlab eval suite --data`); None: the hub."""
+    eval_tasks_items: int = 100
+    eval_tasks_shots: int = 0
     train_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted TrainConfig overrides, e.g. {'optim.beta2': '0.99', 'train.threads': '1'}."""
 
@@ -175,7 +181,8 @@ def train_config(cfg: FinetuneConfig, n_train: int, trunk_config: Any) -> Any:
 
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     max_steps = cfg.max_steps or max(1, math.ceil((cfg.epochs or 3.0) * steps_per_epoch))
-    eval_interval = (cfg.eval_interval or min(steps_per_epoch, max_steps)) if cfg.val_file else 0
+    evaluates = cfg.val_file or cfg.eval_tasks
+    eval_interval = (cfg.eval_interval or min(steps_per_epoch, max_steps)) if evaluates else 0
     lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora is not None else 5e-5)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max_steps // 20
     metric = cfg.metric or ("val_accuracy" if cfg.task == "classification" else "val_loss")
@@ -197,6 +204,10 @@ def train_config(cfg: FinetuneConfig, n_train: int, trunk_config: Any) -> Any:
             patience=cfg.patience,
             early_stopping_metric=metric,
             progress=cfg.progress,
+            eval_tasks=list(cfg.eval_tasks),
+            eval_tasks_data=cfg.eval_tasks_data,
+            eval_tasks_items=cfg.eval_tasks_items,
+            eval_tasks_shots=cfg.eval_tasks_shots,
         ),
     )
     return apply_overrides(tc, cfg.train_overrides) if cfg.train_overrides else tc

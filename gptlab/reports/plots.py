@@ -125,3 +125,81 @@ def plot_runs(runs: Sequence[Run], path: str | Path) -> Path:
         if i == 0:
             ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _suite_panels(
+    rows: Sequence[dict[str, Any]], path: str | Path, x: str, series: str, xlabel: str, log_x: bool
+) -> Path:
+    """One panel per task: its metric (percent, standard-error bars) against `x`, a line per `series`."""
+    if not rows:
+        raise ValueError("nothing to plot: no results given")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    columns = min(3, len(tasks))
+    fig = _figure(figsize=(4.2 * columns, 3.4 * -(-len(tasks) // columns)))
+    axes = [fig.add_subplot(-(-len(tasks) // columns), columns, i + 1) for i in range(len(tasks))]
+    for ax, task in zip(axes, tasks, strict=True):
+        mine = [r for r in rows if r["task"] == task]
+        for key in dict.fromkeys(r[series] for r in mine):
+            points = sorted((r[x], 100 * r["value"], 100 * (r["stderr"] or 0)) for r in mine if r[series] == key)
+            xs, ys, errs = zip(*points, strict=True)
+            label = f"{key}-shot" if series == "shots" else Path(str(key)).name
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+        if log_x:
+            ax.set_xscale("log")
+        else:
+            ax.set_xticks(sorted({r[x] for r in mine}))
+        ax.set_title(f"{task} ({mine[0]['metric']})", fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_suite_shots(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """`gptlab eval suite` results: each task's metric against the number of examples in the prompt, one
+    line per checkpoint (the shape of the GPT-3 paper's figures 3.x)."""
+    return _suite_panels(rows, path, "shots", "checkpoint", "examples in context (K)", log_x=False)
+
+
+def plot_suite_sizes(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """`gptlab eval suite` results: each task's metric against parameters (log scale), one line per
+    number of shots (zero, one, few: the GPT-3 paper's presentation)."""
+    return _suite_panels(rows, path, "params", "shots", "parameters", log_x=True)
+
+
+def eval_task_series(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """{"eval/<task>": [(tokens, score), ...]} from metrics rows (what `train.eval_tasks` logs)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("eval/") and value is not None and r.get("tokens") is not None:
+                series.setdefault(key, []).append((r["tokens"], value))
+    return series
+
+
+def plot_eval_tasks(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """The `train.eval_tasks` scores against tokens seen (perplexities on a second, log axis); None when
+    none were logged."""
+    series = eval_task_series(rows)
+    if not series:
+        return None
+    fig = _figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ppl_ax = None
+    for key, points in series.items():
+        if key.endswith("_ppl"):
+            ppl_ax = ppl_ax or ax.twinx()
+            ppl_ax.plot(*zip(*points, strict=True), "s--", markersize=3, label=key, color="grey")
+        else:
+            ax.plot(*zip(*points, strict=True), "o-", markersize=3, label=key.removeprefix("eval/"))
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy (the paper's metric)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    if ppl_ax is not None:
+        ppl_ax.set_yscale("log")
+        ppl_ax.set_ylabel("perplexity")
+        ppl_ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)

@@ -273,6 +273,23 @@ def environment() -> dict[str, str]:
     }
 
 
+def _eval_task_section(run: Run, out: Path) -> list[str]:
+    """The `train.eval_tasks` scores: first, last and best of each, and their curves."""
+    from gptlab.reports.plots import eval_task_series, plot_eval_tasks
+
+    series = eval_task_series(run.metrics)
+    if not series:
+        return []
+    lines = ["## GPT-3 paper tasks during training (`train.eval_tasks`)", "",
+             "| score | first | last | best |", "|---|---:|---:|---:|"]  # fmt: skip
+    for key, points in series.items():
+        values = [v for _, v in points]
+        best = min(values) if key.endswith("_ppl") else max(values)
+        lines.append(f"| {key} | {values[0]:.4g} | {values[-1]:.4g} | {best:.4g} |")
+    png = plot_eval_tasks(run.metrics, out.with_name(out.stem + "_eval_tasks.png"))
+    return [*lines, "", f"![eval tasks]({png.name})", ""]  # type: ignore[union-attr]
+
+
 def write_report(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -304,6 +321,8 @@ def write_report(
         lines += ["## Loss curve", "", f"![loss curve]({png.name})", ""]
     else:
         lines += ["## Loss curve", "", f"No {METRICS_FILE} yet: nothing logged.", ""]
+
+    lines += _eval_task_section(run, out)
 
     lines += ["## Model", ""]
     m = run.model

@@ -130,6 +130,15 @@ class TrainSection:
     """Validation every this many steps (and at the end); 0 disables."""
     eval_batches: int = 20
     """Validation batches per evaluation."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """GPT-3 paper tasks (`gptlab eval suite` names, e.g. hellaswag,lambada_openai) scored every
+    eval_interval steps on a fixed subset; logged as eval/<task> (the paper's metric)."""
+    eval_tasks_data: str | None = None
+    """Directory of the tasks' distributed files (as `gptlab eval suite --data`); None: the hub."""
+    eval_tasks_items: int = 100
+    """Items of each task in the fixed subset (the first N of its scored split)."""
+    eval_tasks_shots: int = 0
+    """Examples in each prompt."""
     log_interval: int = 10
     """Write a metrics row every this many steps."""
     checkpoint_interval: int = 500
@@ -184,10 +193,12 @@ class TrainConfig:
             raise ValueError(f"train.dtype must be one of {list(DTYPES)}, got {t.dtype!r}")
         if t.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}, got {t.strategy!r}")
-        for name in ("batch_size", "max_steps", "eval_batches", "log_interval", "batch_ramp_start"):
+        positive = ("batch_size", "max_steps", "eval_batches", "log_interval", "batch_ramp_start", "eval_tasks_items")
+        for name in positive:
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        for name in ("eval_interval", "checkpoint_interval", "keep_checkpoints", "batch_ramp_tokens"):
+        counts = ("eval_interval", "checkpoint_interval", "keep_checkpoints", "batch_ramp_tokens", "eval_tasks_shots")
+        for name in counts:
             if getattr(t, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(t, name)}")
         if t.micro_batch_size is not None and t.micro_batch_size < 1:

@@ -39,7 +39,8 @@ def scalar_tags(row: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in row.items():
         if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-            out[f"train/{key}" if key != "val_loss" else "val/loss"] = value
+            # keys with a "/" (`eval/<task>` of train.eval_tasks) are tags already
+            out[key if "/" in key else f"train/{key}" if key != "val_loss" else "val/loss"] = value
     return out
 
 

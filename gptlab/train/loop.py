@@ -26,6 +26,7 @@ from torch import nn
 
 from gptlab.train import distributed as D
 from gptlab.train.config import TrainConfig
+from gptlab.train.eval_tasks import TrainEvalTasks
 from gptlab.train.metrics import MetricsLogger, peak_flops
 from gptlab.train.optim import build_optimizer, set_lr
 from gptlab.train.schedule import batch_size_at, lr_at
@@ -239,6 +240,7 @@ def _run(
     flops_per_token = config.flops_per_token(context, backward=True) if config is not None else None
     peak = peak_flops(device, dtype, t.peak_flops) * W if flops_per_token else None
     val_batches = task.validation_batches() if t.eval_interval else []
+    eval_tasks = TrainEvalTasks(t, tokenizer, W) if t.eval_tasks and t.eval_interval else None
     grads = [p for _, p in params]
 
     bar = tqdm(
@@ -346,7 +348,8 @@ def _run(
             if flag.item() > 0:
                 done, stop_reason = True, "time_limit"
         evaluate_now = bool(val_batches) and t.eval_interval and (state.step % t.eval_interval == 0 or done)
-        if state.step % t.log_interval == 0 or done or evaluate_now:
+        tasks_now = eval_tasks is not None and (state.step % t.eval_interval == 0 or done)
+        if state.step % t.log_interval == 0 or done or evaluate_now or tasks_now:
             rate = timer.rate()
             row: dict[str, Any] = {
                 "step": state.step,
@@ -374,9 +377,13 @@ def _run(
                     task.on_best(raw_model, row)
                 if stop and not done:
                     done, stop_reason = True, "early_stopping"
+            if tasks_now and d.is_main:
+                began = time.perf_counter()
+                row.update(eval_tasks(raw_model))
+                timer.pause(time.perf_counter() - began)
             log(row)
             bar.set_postfix(_postfix(row), refresh=False)
-            if evaluate_now and logger is not None:
+            if (evaluate_now or tasks_now) and logger is not None:
                 logger.plot()
         if done or (t.checkpoint_interval and state.step % t.checkpoint_interval == 0):
             checkpoint()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+EVAL_TASKS_PLOT = "eval_tasks.png"
 
 
 @functools.cache
@@ -95,6 +96,11 @@ class MetricsLogger:
                 logger.log(row["step"], scalars)
 
     def plot(self) -> Path | None:
+        """loss.png, and eval_tasks.png once `train.eval_tasks` scores have been logged."""
+        from gptlab.reports.plots import plot_eval_tasks
+
+        if self.file.is_file():
+            plot_eval_tasks(read_metrics(self.file), self.run_dir / EVAL_TASKS_PLOT)
         return plot_loss(self.file, self.run_dir / LOSS_PLOT)
 
     def close(self) -> None:
