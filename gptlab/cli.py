@@ -624,14 +624,18 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a checkpoint: classification head or prompt -> completion (SFT), full or LoRA",
         description="Fine-tune BASE on a JSONL file with the training loop of `gptlab train`. "
         'classification: {"text", "label"} lines (string or integer labels); sft: {"prompt", "completion"} '
-        "lines (loss on the completion only). OUT receives the model (loadable by generate / serve / "
-        "classify), or only the LoRA adapter; OUT/train holds metrics.jsonl, loss.png and checkpoints. "
+        'lines (loss on the completion only); dpo: {"prompt", "chosen", "rejected"} lines; rl: --prompts '
+        '{"prompt", ...} lines scored by --reward. OUT receives the model (loadable by generate / '
+        "serve / classify), or only the LoRA adapter; OUT/train holds metrics.jsonl, loss.png and checkpoints. "
         "Extra --section.field VALUE arguments override the loop's config (e.g. --optim.beta2 0.99).",
     )
-    p.add_argument("--task", required=True, choices=["classification", "sft"], help="what to fine-tune for")
+    p.add_argument("--task", required=True, choices=["classification", "sft", "dpo", "rl"],
+                   help="what to fine-tune for")
     p.add_argument("--base", required=True, metavar="CKPT", help="gptlab checkpoint / run, or HF GPT-2 dir")
-    p.add_argument("--train", required=True, metavar="FILE.jsonl", help="training examples")
-    p.add_argument("--val", metavar="FILE.jsonl", help="validation examples (metrics, early stopping)")
+    p.add_argument("--train", metavar="FILE.jsonl", help="training examples (every task but rl)")
+    p.add_argument("--val", metavar="FILE.jsonl", help="validation examples (rl: prompts) for metrics")
+    p.add_argument("--beta", type=float, default=0.1, help="dpo: pull towards the reference (default 0.1)")
+    p.add_argument("--dpo-loss", default="sigmoid", choices=["sigmoid", "ipo"], help="dpo: the loss")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", metavar="DIR", help="default: the base checkpoint's tokenizer")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
@@ -673,7 +677,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             patience=args.patience, metric=args.metric, eval_interval=args.eval_interval,
             max_length=args.max_length, keep_best=not args.keep_last, merge=args.merge, resume=args.resume,
             seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-            train_overrides=parse_dotted_args(args.overrides),
+            train_overrides=parse_dotted_args(args.overrides), beta=args.beta, dpo_loss=args.dpo_loss,
         )
         r = finetune(cfg)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k.startswith("val_"))

@@ -50,3 +50,11 @@ def tiny_tokenizer(tiny_corpus: list[str]):
     from gptlab.tokenizer import Tokenizer
 
     return Tokenizer.train(tiny_corpus, vocab_size=300, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """Byte-level BPE whose only merge never occurs in the tests' data: one token per character."""
+    from gptlab.tokenizer import Tokenizer
+
+    return Tokenizer.train(["qzqzqz "] * 20, vocab_size=258, show_progress=False)
