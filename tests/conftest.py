@@ -58,3 +58,14 @@ def byte_tokenizer():
     from gptlab.tokenizer import Tokenizer
 
     return Tokenizer.train(["qzqzqz "] * 20, vocab_size=258, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,12 +23,7 @@ from gptlab.train.losses import apply_token_log_probs, linear_log_probs, token_l
 QUIET = {"train.tensorboard": "false"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only contend
 
 
 def tiny_gpt(vocab_size: int = 258, n_embd: int = 32, n_ctx: int = 48, seed: int = 0) -> GPT:
