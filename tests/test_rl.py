@@ -222,3 +222,16 @@ def test_rl_cli_errors(tmp_path, capsys, rl_files):
     assert main(["finetune", "--task", "rl", "--base", str(base), "--out", str(tmp_path / "o"),
                  "--prompts", str(prompts), "--reward", "exact_match"]) != 0
     assert "missing field(s) ['answer']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_rl_raises_held_out_arithmetic_exact_match_by_20_points(tmp_path):
+    """The README's recipe: SFT a tiny model to the answer format, then GRPO within 15 minutes on 2 cores."""
+    import runpy
+
+    recipe = Path(__file__).resolve().parents[1] / "examples/posttrain/arithmetic_rl.py"
+    main = runpy.run_path(str(recipe))["main"]
+    assert main(["--out", str(tmp_path / "arith"), "--rl-minutes", "12"]) == 0
+    summary = json.loads((tmp_path / "arith/summary.json").read_text())
+    assert summary["exact_match_after_rl"] - summary["exact_match_after_sft"] >= 0.20, summary
+    assert summary["rl_minutes"] <= 15, summary
