@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/arith-rl")
     p.add_argument("--sft-steps", type=int, default=500)
-    p.add_argument("--rl-steps", type=int, default=400)
-    p.add_argument("--rl-minutes", type=float, default=15.0, help="time limit of the RL stage")
+    p.add_argument("--rl-steps", type=int, default=5000, help="most RL steps (the time limit usually ends it)")
+    p.add_argument("--rl-minutes", type=float, default=15.0, help="time limit of the RL stage (the issue: 15 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     gptlab("finetune", "--task", "rl", "--base", str(out / "sft"), "--prompts", str(data["rl"]), "--reward",
            "exact_match", "--val", str(data["test"]), "--out", str(out / "rl"), "--max-steps", str(args.rl_steps),
-           "--batch-size", "16", "--group-size", "8", "--max-new-tokens", "6", "--lr", "3e-4",
-           "--warmup-steps", "0", "--eval-interval", "20", "--keep-last", "--no-progress",
+           "--batch-size", "16", "--group-size", "8", "--max-new-tokens", "6", "--lr", "6e-4",
+           "--warmup-steps", "0", "--eval-interval", "50", "--keep-last", "--no-progress",
            f"--train.time_limit={args.rl_minutes}", "--train.log_interval=1", "--train.tensorboard=false", threads)
     minutes = (time.perf_counter() - began) / 60
     after = exact_match(out / "rl", data["test"])
