@@ -91,7 +91,13 @@ def plot(metrics: Path, out: Path, before: float) -> Path:
     val = [(0, before)] + [(r["step"], r["val_reward"]) for r in rows if "val_reward" in r]
     fig = Figure(figsize=(7, 4.2), dpi=100)
     ax = fig.add_subplot()
-    ax.plot(*zip(*train, strict=True), label="rollout reward (mean exact match of samples)", linewidth=1, alpha=0.7)
+    ax.plot(*zip(*train, strict=True), label="rollout reward (mean exact match of samples)", linewidth=0.6, alpha=0.4)
+    window = 25
+    smooth = [
+        (train[i][0], sum(v for _, v in train[i - window + 1 : i + 1]) / window) for i in range(window - 1, len(train))
+    ]
+    if smooth:
+        ax.plot(*zip(*smooth, strict=True), color="C0", label=f"rollout reward, mean of {window} steps", linewidth=1.5)
     ax.plot(*zip(*val, strict=True), "o-", label="held-out exact match (greedy)", markersize=3)
     ax.set_xlabel("RL step (GRPO)")
     ax.set_ylabel("exact match")
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/arith-rl")
     p.add_argument("--sft-steps", type=int, default=500)
-    p.add_argument("--rl-steps", type=int, default=5000, help="most RL steps (the time limit usually ends it)")
+    p.add_argument("--rl-steps", type=int, default=1500, help="RL steps (the cosine schedule spans them)")
     p.add_argument("--rl-minutes", type=float, default=15.0, help="time limit of the RL stage (the issue: 15 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     gptlab("finetune", "--task", "rl", "--base", str(out / "sft"), "--prompts", str(data["rl"]), "--reward",
            "exact_match", "--val", str(data["test"]), "--out", str(out / "rl"), "--max-steps", str(args.rl_steps),
-           "--batch-size", "16", "--group-size", "8", "--max-new-tokens", "6", "--lr", "6e-4",
+           "--batch-size", "16", "--group-size", "8", "--max-new-tokens", "6", "--lr", "3e-4",
            "--warmup-steps", "0", "--eval-interval", "50", "--keep-last", "--no-progress",
            f"--train.time_limit={args.rl_minutes}", "--train.log_interval=1", "--train.tensorboard=false", threads)
     minutes = (time.perf_counter() - began) / 60
