@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/arith-rl")
     p.add_argument("--sft-steps", type=int, default=500)
-    p.add_argument("--rl-steps", type=int, default=1500, help="RL steps (the cosine schedule spans them)")
+    p.add_argument("--rl-steps", type=int, default=3000, help="RL steps (the cosine schedule spans them)")
     p.add_argument("--rl-minutes", type=float, default=15.0, help="time limit of the RL stage (the issue: 15 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
