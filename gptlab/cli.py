@@ -719,14 +719,28 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         help="fine-tune a checkpoint: classification head or prompt -> completion (SFT), full or LoRA",
         description="Fine-tune BASE on a JSONL file with the training loop of `gptlab train`. "
         'classification: {"text", "label"} lines (string or integer labels); sft: {"prompt", "completion"} '
-        "lines (loss on the completion only). OUT receives the model (loadable by generate / serve / "
-        "classify), or only the LoRA adapter; OUT/train holds metrics.jsonl, loss.png and checkpoints. "
+        'lines (loss on the completion only); dpo: {"prompt", "chosen", "rejected"} lines; rl: --prompts '
+        '{"prompt", ...} lines scored by --reward. OUT receives the model (loadable by generate / '
+        "serve / classify), or only the LoRA adapter; OUT/train holds metrics.jsonl, loss.png and checkpoints. "
         "Extra --section.field VALUE arguments override the loop's config (e.g. --optim.beta2 0.99).",
     )
-    p.add_argument("--task", required=True, choices=["classification", "sft"], help="what to fine-tune for")
+    p.add_argument("--task", required=True, choices=["classification", "sft", "dpo", "rl"],
+                   help="what to fine-tune for")
     p.add_argument("--base", required=True, metavar="CKPT", help="gptlab checkpoint / run, or HF GPT-2 dir")
-    p.add_argument("--train", required=True, metavar="FILE.jsonl", help="training examples")
-    p.add_argument("--val", metavar="FILE.jsonl", help="validation examples (metrics, early stopping)")
+    p.add_argument("--train", metavar="FILE.jsonl", help="training examples (every task but rl)")
+    p.add_argument("--val", metavar="FILE.jsonl", help="validation examples (rl: prompts) for metrics")
+    p.add_argument("--beta", type=float, default=0.1, help="dpo: pull towards the reference (default 0.1)")
+    p.add_argument("--dpo-loss", default="sigmoid", choices=["sigmoid", "ipo"], help="dpo: the loss")
+    rl = p.add_argument_group("rl (defaults: gptlab.finetune.rl.RLConfig)")
+    rl.add_argument("--prompts", metavar="FILE.jsonl", help='rl: {"prompt", ...} lines (plus the reward\'s fields)')
+    rl.add_argument("--reward", metavar="NAME_OR_PYTHON_PATH",
+                    help="rl: exact_match, numeric, regex:PATTERN, regex, or module:function / file.py:function")
+    rl.add_argument("--algorithm", choices=["grpo", "reinforce"], help="rl: grpo (default) or reinforce")
+    rl.add_argument("--group-size", type=int, help="rl: completions sampled per prompt (default 8)")
+    rl.add_argument("--max-new-tokens", type=int, help="rl: most tokens per completion (default 32)")
+    rl.add_argument("--temperature", type=float, help="rl: rollout sampling temperature (default 1)")
+    rl.add_argument("--kl-coef", type=float, help="rl: weight of the KL to the base model (default 0.04)")
+    rl.add_argument("--clip", type=float, help="rl: grpo ratio clip epsilon (default 0.2)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", metavar="DIR", help="default: the base checkpoint's tokenizer")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
@@ -766,7 +780,17 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         if args.lora:
             lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                               modules=args.lora_modules)
+        rl_config = None
+        if args.task == "rl":
+            from gptlab.finetune.rl import RLConfig
+
+            given = {k: getattr(args, k) for k in ("prompts", "reward", "algorithm", "group_size",
+                                                    "max_new_tokens", "temperature", "kl_coef", "clip")}
+            rl_config = RLConfig(**{k: v for k, v in given.items() if v is not None})
+        elif args.prompts or args.reward:
+            raise CLIError("--prompts and --reward belong to --task rl")
         cfg = FinetuneConfig(
+            rl=rl_config,
             task=args.task, base=args.base, train_file=args.train, val_file=args.val, out=args.out,
             tokenizer=args.tokenizer, lora=lora, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
             batch_size=args.batch_size, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -775,7 +799,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.no_progress,
             train_overrides=parse_dotted_args(args.overrides), eval_tasks=_eval_task_names(args.eval_tasks),
             eval_tasks_data=args.eval_tasks_data, eval_tasks_items=args.eval_tasks_items,
-            eval_tasks_shots=args.eval_tasks_shots,
+            eval_tasks_shots=args.eval_tasks_shots, beta=args.beta, dpo_loss=args.dpo_loss,
         )
         r = finetune(cfg)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items() if k.startswith("val_"))

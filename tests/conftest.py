@@ -83,3 +83,11 @@ def lm_eval_env(tmp_path_factory: pytest.TempPathFactory):
 
     yield lm_eval
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """Byte-level BPE whose only merge never occurs in the tests' data: one token per character."""
+    from gptlab.tokenizer import Tokenizer
+
+    return Tokenizer.train(["qzqzqz "] * 20, vocab_size=258, show_progress=False)

@@ -76,14 +76,6 @@ def reverse_record(word: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def byte_tokenizer():
-    """Byte-level BPE whose only merge never occurs in the tests' data: one token per character."""
-    from gptlab.tokenizer import Tokenizer
-
-    return Tokenizer.train(["qzqzqz "] * 20, vocab_size=258, show_progress=False)
-
-
-@pytest.fixture(scope="module")
 def sentiment_files(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("sentiment")
     rng = random.Random(0)

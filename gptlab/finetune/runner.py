@@ -24,8 +24,14 @@ from torch import nn
 
 from gptlab.finetune.lora import LoRAConfig
 
-TASKS = ("classification", "sft")
-METRICS = {"classification": ("val_accuracy", "val_macro_f1", "val_loss"), "sft": ("val_loss",)}
+TASKS = ("classification", "sft", "dpo", "rl")
+METRICS = {
+    "classification": ("val_accuracy", "val_macro_f1", "val_loss"),
+    "sft": ("val_loss",),
+    "dpo": ("val_loss", "val_accuracy", "val_margin"),
+    "rl": ("val_reward",),
+}
+DEFAULT_METRIC = {"classification": "val_accuracy", "sft": "val_loss", "dpo": "val_loss", "rl": "val_reward"}
 FINETUNE_FILE = "finetune.json"
 HEAD_FILE = "head.safetensors"
 RUN_SUBDIR = "train"
@@ -37,10 +43,12 @@ class FinetuneConfig:
     """What `gptlab finetune` reads from its flags."""
 
     task: str
-    """'classification' ({"text", "label"} lines) or 'sft' ({"prompt", "completion"} lines)."""
+    """'classification' ({"text", "label"} lines), 'sft' ({"prompt", "completion"} lines), 'dpo'
+    ({"prompt", "chosen", "rejected"} lines) or 'rl' (prompts from `prompts`, scored by `reward`)."""
     base: str
     """Base model: gptlab checkpoint / run directory or Hugging Face GPT-2 directory."""
-    train_file: str
+    train_file: str | None = None
+    """Training examples (all tasks but rl, which reads `prompts`)."""
     val_file: str | None = None
     out: str = "runs/finetune"
     tokenizer: str | None = None
@@ -82,10 +90,28 @@ class FinetuneConfig:
     eval_tasks_shots: int = 0
     train_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted TrainConfig overrides, e.g. {'optim.beta2': '0.99', 'train.threads': '1'}."""
+    beta: float = 0.1
+    """DPO: strength of the pull towards the reference model (the paper's beta)."""
+    dpo_loss: str = "sigmoid"
+    """DPO: 'sigmoid' (the DPO paper) or 'ipo' (Azar et al. 2023)."""
+    rl: Any = None
+    """RL: an `RLConfig` (gptlab.finetune.rl); None takes its defaults."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown fine-tuning task {self.task!r}; choose one of {list(TASKS)}")
+        if self.task == "rl":
+            from gptlab.finetune.rl import RLConfig
+
+            self.rl = self.rl or RLConfig()
+            if self.train_file is not None:
+                raise ValueError("--task rl reads its prompts from --prompts FILE.jsonl, not --train")
+        elif self.train_file is None:
+            raise ValueError(f"--task {self.task} needs a training file: pass --train FILE.jsonl")
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            raise ValueError(f"unknown DPO loss {self.dpo_loss!r}; choose 'sigmoid' or 'ipo'")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -155,6 +181,28 @@ def _build(cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module, Any, Any, dict[st
         model: nn.Module = SequenceClassifier(trunk, len(labels))
         meta["labels"] = labels.to_json()
         meta["max_length"] = max_len
+    elif cfg.task == "dpo":
+        from gptlab.finetune.dpo import DPOTask, encode_preferences, load_preferences
+
+        val_pairs = load_preferences(cfg.val_file) if cfg.val_file else None
+        task = DPOTask(
+            encode_preferences(load_preferences(cfg.train_file), tokenizer, n_ctx),
+            encode_preferences(val_pairs, tokenizer, n_ctx) if val_pairs else None,
+            beta=cfg.beta,
+            loss_type=cfg.dpo_loss,
+            **common,
+        )
+        task.set_reference(trunk)  # the base, before adapters exist or any update
+        if cfg.lora is not None:
+            apply_lora(trunk, cfg.lora)
+        model = trunk
+    elif cfg.task == "rl":
+        from gptlab.finetune.rl import build_rl_task
+
+        task = build_rl_task(cfg.rl, trunk, tokenizer, cfg.val_file, **common)
+        if cfg.lora is not None:
+            apply_lora(trunk, cfg.lora)
+        model = trunk
     else:
         train_sft = D.load_sft(cfg.train_file)
         val_sft = D.load_sft(cfg.val_file) if cfg.val_file else None
@@ -185,10 +233,10 @@ def train_config(cfg: FinetuneConfig, n_train: int, trunk_config: Any) -> Any:
     eval_interval = (cfg.eval_interval or min(steps_per_epoch, max_steps)) if evaluates else 0
     lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.lora is not None else 5e-5)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max_steps // 20
-    metric = cfg.metric or ("val_accuracy" if cfg.task == "classification" else "val_loss")
+    metric = cfg.metric or DEFAULT_METRIC[cfg.task]
     tc = TrainConfig(
         model=ModelSection.of(trunk_config),
-        data=DataSection(dataset=str(cfg.train_file), tokenizer=cfg.tokenizer, seed=cfg.seed),
+        data=DataSection(dataset=str(cfg.train_file or cfg.rl.prompts), tokenizer=cfg.tokenizer, seed=cfg.seed),
         optim=OptimSection(lr=lr, warmup_steps=warmup, weight_decay=cfg.weight_decay, min_lr_ratio=0.0),
         train=TrainSection(
             run_dir=str(Path(cfg.out) / RUN_SUBDIR),

@@ -23,7 +23,7 @@ from gptlab.finetune.metrics import classification_metrics
 BEST_WEIGHTS = "best.safetensors"
 
 
-class _ExamplesTask:
+class ExamplesTask:
     """Shared parts: epoch-shuffled batches over a list of encoded examples, best-weight keeping."""
 
     def __init__(
@@ -81,7 +81,7 @@ class _ExamplesTask:
         atomic_write_bytes(self.best_path, save(state, metadata={"step": str(row.get("step"))}))
 
 
-class ClassificationTask(_ExamplesTask):
+class ClassificationTask(ExamplesTask):
     """Cross-entropy on a `SequenceClassifier`; validation adds accuracy and macro-F1.
 
     Examples are (token ids, label index) pairs.
@@ -120,7 +120,7 @@ class ClassificationTask(_ExamplesTask):
         return {f"val_{k}": v for k, v in classification_metrics(predicted, true, self.num_labels).items()}
 
 
-class SFTTask(_ExamplesTask):
+class SFTTask(ExamplesTask):
     """Next-token loss on the completion tokens only (targets are -1 on prompt and padding).
 
     Examples are (input ids, targets) pairs from `gptlab.finetune.data.encode_sft`.

@@ -241,6 +241,8 @@ def _run(
     peak = peak_flops(device, dtype, t.peak_flops) * W if flops_per_token else None
     val_batches = task.validation_batches() if t.eval_interval else []
     eval_tasks = TrainEvalTasks(t, tokenizer, W) if t.eval_tasks and t.eval_interval else None
+    # A task may validate by generating (RL) rather than by a loss over fixed batches.
+    validates = bool(t.eval_interval) and (bool(val_batches) or getattr(task, "validates_without_batches", False))
     grads = [p for _, p in params]
 
     bar = tqdm(
@@ -347,7 +349,7 @@ def _run(
             flag = D.all_reduce_sum(d, torch.tensor(float(over), device=device))  # rank 0's clock rules all
             if flag.item() > 0:
                 done, stop_reason = True, "time_limit"
-        evaluate_now = bool(val_batches) and t.eval_interval and (state.step % t.eval_interval == 0 or done)
+        evaluate_now = validates and (state.step % t.eval_interval == 0 or done)
         tasks_now = eval_tasks is not None and (state.step % t.eval_interval == 0 or done)
         if state.step % t.log_interval == 0 or done or evaluate_now or tasks_now:
             rate = timer.rate()
@@ -363,15 +365,18 @@ def _run(
                 "elapsed": elapsed_before + time.perf_counter() - session_start,
                 "time": time.time(),
             }
+            if hasattr(task, "train_metrics"):  # e.g. the mean reward of RL rollouts since the last row
+                row.update(task.train_metrics())
             if evaluate_now:
                 began = time.perf_counter()
-                val_loss = evaluate(model, task, val_batches, d, dtype)
-                row["val_loss"] = val_loss
+                if val_batches:
+                    val_loss = evaluate(model, task, val_batches, d, dtype)
+                    row["val_loss"] = val_loss
+                    if state.best_val_loss is None or val_loss < state.best_val_loss:
+                        state.best_val_loss = val_loss
                 if hasattr(task, "validate"):  # task metrics beyond the loss (accuracy, F1, ...)
                     row.update(task.validate(model))
                 timer.pause(time.perf_counter() - began)
-                if state.best_val_loss is None or val_loss < state.best_val_loss:
-                    state.best_val_loss = val_loss
                 improved, stop = _track_best(state, row, t.early_stopping_metric, t.patience)
                 if improved and d.is_main and hasattr(task, "on_best"):  # e.g. keep the best weights
                     task.on_best(raw_model, row)
@@ -424,6 +429,8 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
         out["mfu"] = f"{100 * row['mfu']:.1f}%"
     if row.get("val_loss") is not None:
         out["val"] = f"{row['val_loss']:.3f}"
+    if row.get("reward") is not None:
+        out["reward"] = f"{row['reward']:.3f}"
     return out
 
 

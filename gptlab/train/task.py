@@ -12,6 +12,9 @@ Optional methods the loop calls when a task has them (see gptlab/finetune/tasks.
   on_best(model, row) -> None           rank 0, after an evaluation that improved that metric
   prepare_model(model) -> None          on the plain model before activation checkpointing, compile and
                                         DDP / FSDP wrap it (pretraining swaps in the fused loss here)
+  train_metrics() -> dict[str, float]   merged into each logged row (RL: the mean reward of the rollouts)
+  validates_without_batches = True      evaluate by `validate` alone when `validation_batches` is empty
+                                        (RL generates: no validation loss)
 """
 
 from __future__ import annotations
