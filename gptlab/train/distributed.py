@@ -29,10 +29,25 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    tensor_parallel: int = 1
+    """Ranks that share one model replica by tensor parallelism (consecutive ranks, the mesh's inner
+    dimension); the world size divided by it is the data-parallel size."""
+    mesh: Any = None
+    """The ("dp", "tp") DeviceMesh once tensor parallelism is set up; None otherwise."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Model replicas: the ranks that read different data."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        """Which replica this rank belongs to (ranks of one tensor-parallel group read the same data)."""
+        return self.rank // self.tensor_parallel
 
     @property
     def enabled(self) -> bool:

@@ -42,7 +42,7 @@ from gptlab.train.state import (
     set_rng_state,
     write_checkpoint,
 )
-from gptlab.train.task import Task, to_device
+from gptlab.train.task import Task, batch_rows, row_slice, split_rows, to_device
 
 if TYPE_CHECKING:
     from gptlab.tokenizer import Tokenizer
@@ -229,12 +229,12 @@ def _run(
     from tqdm.auto import tqdm
 
     t, o = cfg.train, cfg.optim
-    device, W = d.device, d.world_size
+    device, W = d.device, d.dp_size
     decay_steps = o.decay_steps or t.max_steps
     config = getattr(raw_model, "config", None)
     context = getattr(task, "seq_len", None)
     flops_per_token = config.flops_per_token(context, backward=True) if config is not None else None
-    peak = peak_flops(device, dtype, t.peak_flops) * W if flops_per_token else None
+    peak = peak_flops(device, dtype, t.peak_flops) * d.world_size if flops_per_token else None
     val_batches = task.validation_batches() if t.eval_interval else []
     grads = [p for _, p in params]
 
@@ -274,7 +274,7 @@ def _run(
         lr = lr_at(step, o.lr, o.warmup_steps, decay_steps, o.min_lr_ratio)
         set_lr(optimizer, lr)
         local = batch_size // W
-        first = state.position + d.rank * local
+        first = state.position + d.dp_rank * local
         micro = t.micro_batch_size or local
         starts = list(range(first, first + local, micro))
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -289,10 +289,11 @@ def _run(
             weight = len(indices) / batch_size
             (loss.float() * (weight * W)).backward()
             loss_sum += loss.detach().float() * weight
-        D.all_reduce_sum(d, loss_sum)
-        tokens_here = torch.tensor(float(step_tokens), device=device)
-        step_tokens = int(D.all_reduce_sum(d, tokens_here).item())
-        loss_value = float(loss_sum.item())
+        # Over every rank; the ranks of a tensor-parallel group hold copies of one replica's figures.
+        sums = torch.tensor([float(loss_sum), float(step_tokens)], dtype=torch.float64, device=device)
+        D.all_reduce_sum(d, sums)
+        sums /= d.tensor_parallel
+        loss_value, step_tokens = float(sums[0]), round(float(sums[1]))
         grad_norm = _grad_norm(grads, o.grad_clip) if math.isfinite(loss_value) else float("nan")
 
         state.step += 1
@@ -359,7 +360,7 @@ def _run(
             }
             if evaluate_now:
                 began = time.perf_counter()
-                val_loss = evaluate(model, task, val_batches, d, dtype)
+                val_loss = evaluate(model, task, val_batches, d, dtype, t.micro_batch_size)
                 row["val_loss"] = val_loss
                 if hasattr(task, "validate"):  # task metrics beyond the loss (accuracy, F1, ...)
                     row.update(task.validate(model))
@@ -426,22 +427,37 @@ def _grad_norm(grads: list[nn.Parameter], clip: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, batches: list[Any], d: D.Dist, dtype: torch.dtype) -> float:
-    """Token-weighted mean loss over `batches`, split across ranks (each rank runs the same number of
-    forward passes, as FSDP requires; padding passes count zero)."""
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    batches: list[Any],
+    d: D.Dist,
+    dtype: torch.dtype,
+    micro_batch_size: int | None = None,
+) -> float:
+    """Token-weighted mean loss over `batches`. Each batch is split by rows across the data-parallel
+    ranks, and each rank's rows into forward passes of `micro_batch_size`, so the same sequences are
+    scored whatever the world size or micro-batch. Every rank runs the same number of forward passes
+    (FSDP needs all of them in each); a rank short of rows repeats a row at weight zero."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)
-    per_rank = -(-len(batches) // d.world_size)
-    for k in range(per_rank):
-        i = d.rank + k * d.world_size
-        batch = to_device(batches[i] if i < len(batches) else batches[0], d.device)
-        with autocast(d.device, dtype):
-            loss = task.loss(model, batch)
-        if i < len(batches):
-            n = task.tokens(batch)
-            total[0] += float(loss) * n
-            total[1] += n
+    for batch in batches:
+        rows = batch_rows(batch)
+        mine = split_rows(batch, d.dp_rank, d.dp_size)
+        most = -(-rows // d.dp_size)  # the largest rank's share
+        micro = micro_batch_size or most
+        for k in range(-(-most // micro)):
+            part = row_slice(mine, k * micro, (k + 1) * micro)
+            empty = batch_rows(part) == 0
+            part = to_device(row_slice(batch, 0, 1) if empty else part, d.device)
+            with autocast(d.device, dtype):
+                loss = task.loss(model, part)
+            if not empty:
+                n = task.tokens(part)
+                total[0] += float(loss) * n
+                total[1] += n
+    # Tensor-parallel ranks repeat their group's rows: numerator and denominator scale alike.
     D.all_reduce_sum(d, total)
     model.train(was_training)
     return float(total[0] / total[1])
