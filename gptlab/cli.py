@@ -134,7 +134,9 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="convert between Hugging Face GPT-2 directories and gptlab checkpoints"
+        "convert",
+        help="convert between Hugging Face GPT-2 directories and gptlab checkpoints, and between sharded "
+        "(DCP) and single-file training checkpoints",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -143,13 +145,22 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     src.add_argument(
         "--to-hf", metavar="CKPT", help="gptlab checkpoint or run directory -> Hugging Face GPT-2 directory"
     )
+    src.add_argument(
+        "--from-dcp", metavar="CKPT", help="sharded (DCP) training checkpoint -> single-file checkpoint (resumable)"
+    )
+    src.add_argument("--to-dcp", metavar="CKPT", help="single-file training checkpoint -> sharded (DCP) checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.interop.convert import convert_from_hf, convert_to_hf
 
-        if args.from_hf:
+        if args.from_dcp or args.to_dcp:
+            from gptlab.train.sharded import sharded_to_single, single_to_sharded
+
+            convert = sharded_to_single if args.from_dcp else single_to_sharded
+            out = convert(args.from_dcp or args.to_dcp, args.out, overwrite=args.overwrite)
+        elif args.from_hf:
             out = convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite)
         else:
             out = convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite)

@@ -16,6 +16,7 @@ from gptlab.config import ModelConfig, apply_overrides, flatten, from_dict, load
 
 DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("single", "dcp")
 
 
 @dataclass
@@ -136,6 +137,12 @@ class TrainSection:
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: int = 3
     """Keep the newest K checkpoints; 0 keeps all."""
+    checkpoint_format: str = "single"
+    """'single': full state gathered on rank 0 into model.safetensors + train state (loads anywhere);
+    'dcp': torch.distributed.checkpoint shards, each rank writing its own (for models too large to
+    gather; resumes on any number of processes; `gptlab convert --from-dcp` makes a single file)."""
+    async_checkpoint: bool = False
+    """With checkpoint_format 'dcp': write in the background while training goes on."""
     patience: int = 0
     """Stop early once `early_stopping_metric` has not improved for this many evaluations; 0 disables."""
     early_stopping_metric: str = "val_loss"
@@ -166,6 +173,12 @@ class TrainConfig:
             raise ValueError(f"train.dtype must be one of {list(DTYPES)}, got {t.dtype!r}")
         if t.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}, got {t.strategy!r}")
+        if t.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"train.checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, got {t.checkpoint_format!r}"
+            )
+        if t.async_checkpoint and t.checkpoint_format != "dcp":
+            raise ValueError("train.async_checkpoint needs train.checkpoint_format = 'dcp'")
         for name in ("batch_size", "max_steps", "eval_batches", "log_interval", "batch_ramp_start"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")

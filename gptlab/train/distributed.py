@@ -182,6 +182,11 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     yield
 
 
+def optimizers_of(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers inside a container of several (Muon + AdamW), or the one given."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
 # ---- full state dicts (every rank calls; rank 0 gets the tensors) ------------------------------
 def _options(**kw: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -198,7 +203,9 @@ def full_state(
 
     opts = _options(cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    optim_sd = None
+    if optimizer is not None:
+        optim_sd = get_optimizer_state_dict(model, optimizers_of(optimizer), options=opts)
     return model_sd, optim_sd
 
 
@@ -215,4 +222,4 @@ def load_full_state(
     opts = _options(broadcast_from_rank0=d.enabled)
     set_model_state_dict(model, model_sd, options=opts)
     if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        set_optimizer_state_dict(model, optimizers_of(optimizer), optim_sd, options=opts)

@@ -29,6 +29,7 @@ from gptlab.train.config import TrainConfig
 from gptlab.train.metrics import MetricsLogger, peak_flops
 from gptlab.train.optim import build_optimizer, set_lr
 from gptlab.train.schedule import batch_size_at, lr_at
+from gptlab.train.sharded import ShardedCheckpointer, is_sharded, load_sharded
 from gptlab.train.state import (
     LoadedCheckpoint,
     TrainState,
@@ -41,6 +42,7 @@ from gptlab.train.state import (
     rng_state,
     set_rng_state,
     write_checkpoint,
+    write_state_files,
 )
 from gptlab.train.task import Task, batch_rows, row_slice, split_rows, to_device
 
@@ -165,9 +167,11 @@ def _train(
     wrapped = D.wrap_model(model, t.strategy, d)
     params = [(n, p) for n, p in ((_clean_name(n), p) for n, p in wrapped.named_parameters()) if n in trainable]
     optimizer = build_optimizer(wrapped, params, cfg.optim, device)
-    if start_from is not None:
+    if start_from is not None and is_sharded(start_from):
+        load_sharded(start_from, wrapped, optimizer)
+    elif start_from is not None:
         D.load_full_state(wrapped, optimizer, loaded.model_sd if loaded else {}, loaded.optim_sd if loaded else {}, d)
-        del loaded
+    del loaded
     if rng_all:
         set_rng_state(*rng_all[d.rank % len(rng_all)])
     else:
@@ -253,13 +257,14 @@ def _run(
     val_loss: float | None = None
     saved: Path | None = None
     stop_reason = "max_steps"
+    sharded = ShardedCheckpointer(d, t.async_checkpoint) if t.checkpoint_format == "dcp" else None
     model.train()
 
     def checkpoint() -> Path:
         nonlocal saved
         state.elapsed = elapsed_before + time.perf_counter() - session_start
         began = time.perf_counter()
-        saved = _save(cfg, d, model, raw_model, optimizer, state, run_dir, tokenizer)
+        saved = _save(cfg, d, model, raw_model, optimizer, state, run_dir, tokenizer, sharded)
         timer.pause(time.perf_counter() - began)
         return saved
 
@@ -383,6 +388,8 @@ def _run(
     else:  # already at max_steps when resuming
         if saved is None and d.is_main:
             saved = latest_resumable(run_dir)
+    if sharded is not None and sharded.finish() is not None:  # an asynchronous write still in flight
+        D.barrier(d)
     bar.close()
     if logger is not None:
         logger.plot()
@@ -472,9 +479,10 @@ def _save(
     state: TrainState,
     run_dir: Path,
     tokenizer: Tokenizer | None,
+    sharded: ShardedCheckpointer | None,
 ) -> Path:
-    """Gather full state on rank 0 (a collective), write the checkpoint there, prune old ones."""
-    model_sd, optim_sd = D.full_state(model, optimizer, d)
+    """Write a checkpoint (a collective) and prune old ones: DCP shards from every rank, or the full
+    state gathered on rank 0."""
     rng = rng_state()
     if d.enabled:
         gathered: list[Any] = [None] * d.world_size
@@ -483,9 +491,17 @@ def _save(
     else:
         rngs = [rng]
     directory = checkpoint_dir(run_dir, state.step)
+    extra = {"step": state.step, "tokens": state.tokens, "train": cfg.to_dict()}
+    keep = cfg.train.keep_checkpoints
+    if sharded is not None:
+
+        def main_files(tmp: Path) -> None:
+            write_state_files(tmp, raw_model.config, None, None, state, rngs, tokenizer, extra)
+
+        return sharded.save(directory, model, optimizer, main_files, lambda: prune_checkpoints(run_dir, keep))
+    model_sd, optim_sd = D.full_state(model, optimizer, d)
     if d.is_main:
-        extra = {"step": state.step, "tokens": state.tokens, "train": cfg.to_dict()}
         write_checkpoint(directory, raw_model.config, model_sd, optim_sd, state, rngs, tokenizer, extra)
-        prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+        prune_checkpoints(run_dir, keep)
     D.barrier(d)
     return directory
