@@ -17,6 +17,7 @@ from gptlab.config import ModelConfig, apply_overrides, flatten, from_dict, load
 DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_FORMATS = ("single", "dcp")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -93,6 +94,13 @@ class OptimSection:
     """Clip the global gradient norm to this; 0 disables."""
     fused: bool | None = None
     """Fused AdamW kernel; None: on where supported (CPU and CUDA, unsharded or FSDP)."""
+    name: str = "adamw"
+    """'adamw', or 'muon': torch.optim.Muon for the blocks' 2-D weight matrices and AdamW (at `lr`)
+    for embeddings, head, norms and biases, as modded-nanogpt and nanochat split them."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (nanochat's matrix LR); follows the same warm-up and decay."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum (Jordan et al. 2024; torch's default)."""
 
 
 @dataclass
@@ -191,6 +199,12 @@ class TrainConfig:
             raise ValueError(f"train.patience must be >= 0, got {t.patience}")
         if t.max_nonfinite_steps < 1:
             raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+        if o.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {list(OPTIMIZERS)}, got {o.name!r}")
+        if o.muon_lr <= 0 or not 0 <= o.muon_momentum < 1:
+            raise ValueError(
+                f"need optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1; got {o.muon_lr}, {o.muon_momentum}"
+            )
         if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0:
             raise ValueError(
                 f"need optim.lr > 0, 0 <= optim.min_lr_ratio <= 1, optim.warmup_steps >= 0; got "
