@@ -211,6 +211,29 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="parallel sizes, memory per GPU and training time for a model on N GPUs")
+    p.add_argument("model", help="preset name (see `gptlab configs`)")
+    p.add_argument("--gpu", required=True, help="accelerator name, e.g. H100, A100")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--seq-len", type=int, help="training sequence length (default: the model's context)")
+    p.add_argument("--global-batch", type=int, default=1536, help="sequences per optimizer step")
+    p.add_argument("--tokens", type=float, default=300e9, help="training tokens")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the time assumes")
+    p.add_argument("--out", default="plan.json", help="config file `gptlab train --config` runs")
+
+    def run(args: argparse.Namespace) -> int:
+        from gptlab.presets import preset
+        from gptlab.reports.planner import format_plan, plan, write_plan_config
+
+        p_ = plan(preset(args.model), args.gpu, args.gpus, args.seq_len, args.global_batch, args.tokens, args.mfu)
+        print(format_plan(p_))
+        print(f"wrote {write_plan_config(p_, args.model, args.out)}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -771,7 +794,7 @@ def _add_completion(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = [
-    _add_configs, _add_convert, _add_tokenizer, _add_compare, _add_report, _add_prepare, _add_eval,
+    _add_configs, _add_convert, _add_plan, _add_tokenizer, _add_compare, _add_report, _add_prepare, _add_eval,
     _add_generate, _add_train, _add_serve, _add_export,
     _add_finetune, _add_classify, _add_lora, _add_completion,
 ]
