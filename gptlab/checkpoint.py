@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from gptlab.tokenizer import Tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
+SHARDED_DIR = "dcp"
+"""Where a sharded training checkpoint keeps its torch.distributed.checkpoint files (gptlab.train.sharded)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -77,7 +79,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
+    return [p for _, p in sorted(found) if (p / CONFIG_FILE).is_file() and _has_weights(p)]
+
+
+def _has_weights(directory: Path) -> bool:
+    return (directory / WEIGHTS_FILE).is_file() or (directory / SHARDED_DIR / ".metadata").is_file()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -158,6 +164,11 @@ def model_config_of(config: dict[str, Any], file: Path) -> ModelConfig:
 
 def _load_gptlab(directory: Path, config: dict[str, Any]) -> GPT:
     mc = model_config_of(config, directory / CONFIG_FILE)
+    if not (directory / WEIGHTS_FILE).is_file() and (directory / SHARDED_DIR).is_dir():
+        raise ValueError(
+            f"{directory} is a sharded (DCP) training checkpoint; make a single-file one with "
+            f"`gptlab convert --from-dcp {directory} --out DIR` and load that"
+        )
     with torch.device("meta"):
         model = GPT(mc)
     verify_checksums(directory, [WEIGHTS_FILE])

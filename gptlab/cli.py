@@ -134,7 +134,9 @@ def _add_configs(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="convert between Hugging Face GPT-2 directories and gptlab checkpoints"
+        "convert",
+        help="convert between Hugging Face GPT-2 directories and gptlab checkpoints, and between sharded "
+        "(DCP) and single-file training checkpoints",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -143,13 +145,22 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     src.add_argument(
         "--to-hf", metavar="CKPT", help="gptlab checkpoint or run directory -> Hugging Face GPT-2 directory"
     )
+    src.add_argument(
+        "--from-dcp", metavar="CKPT", help="sharded (DCP) training checkpoint -> single-file checkpoint (resumable)"
+    )
+    src.add_argument("--to-dcp", metavar="CKPT", help="single-file training checkpoint -> sharded (DCP) checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.interop.convert import convert_from_hf, convert_to_hf
 
-        if args.from_hf:
+        if args.from_dcp or args.to_dcp:
+            from gptlab.train.sharded import sharded_to_single, single_to_sharded
+
+            convert = sharded_to_single if args.from_dcp else single_to_sharded
+            out = convert(args.from_dcp or args.to_dcp, args.out, overwrite=args.overwrite)
+        elif args.from_hf:
             out = convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite)
         else:
             out = convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite)
@@ -195,6 +206,29 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
             print(" ".join(map(str, load_tokenizer(args.tokenizer).encode(text, allowed_special=allowed))))
         else:
             sys.stdout.write(load_tokenizer(args.tokenizer).decode(args.ids) + "\n")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="parallel sizes, memory per GPU and training time for a model on N GPUs")
+    p.add_argument("model", help="preset name (see `gptlab configs`)")
+    p.add_argument("--gpu", required=True, help="accelerator name, e.g. H100, A100")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--seq-len", type=int, help="training sequence length (default: the model's context)")
+    p.add_argument("--global-batch", type=int, default=1536, help="sequences per optimizer step")
+    p.add_argument("--tokens", type=float, default=300e9, help="training tokens")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the time assumes")
+    p.add_argument("--out", default="plan.json", help="config file `gptlab train --config` runs")
+
+    def run(args: argparse.Namespace) -> int:
+        from gptlab.presets import preset
+        from gptlab.reports.planner import format_plan, plan, write_plan_config
+
+        p_ = plan(preset(args.model), args.gpu, args.gpus, args.seq_len, args.global_batch, args.tokens, args.mfu)
+        print(format_plan(p_))
+        print(f"wrote {write_plan_config(p_, args.model, args.out)}")
         return 0
 
     p.set_defaults(func=run)
@@ -886,7 +920,7 @@ def _add_completion(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = [
-    _add_configs, _add_convert, _add_tokenizer, _add_compare, _add_report, _add_prepare, _add_eval,
+    _add_configs, _add_convert, _add_plan, _add_tokenizer, _add_compare, _add_report, _add_prepare, _add_eval,
     _add_generate, _add_train, _add_serve, _add_export,
     _add_finetune, _add_classify, _add_lora, _add_completion,
 ]

@@ -37,16 +37,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         _chmod_tree(tmp)
         _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` at `path`, replacing any directory there (moved aside first)."""
+    if path.exists():
+        old = path.with_name(f".old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -28,7 +28,7 @@ def make_dataset(root: Path) -> tuple[Path, Path]:
     return root / "ds", root / "tok"
 
 
-def config(ds: Path, tok: Path, run_dir: Path, strategy: str = "ddp"):
+def config(ds: Path, tok: Path, run_dir: Path, strategy: str = "ddp", micro: int | None = 2):
     from gptlab.train.config import load_train_config
 
     return load_train_config(
@@ -46,7 +46,7 @@ def config(ds: Path, tok: Path, run_dir: Path, strategy: str = "ddp"):
             "optim.warmup_steps": 2,
             # 8 sequences: 4 per rank in micro-batches of 2, so accumulation and no_sync are exercised too.
             "train.batch_size": 8,
-            "train.micro_batch_size": 2,
+            "train.micro_batch_size": micro,
             "train.max_steps": STEPS,
             "train.eval_interval": STEPS,
             "train.eval_batches": 3,
@@ -77,7 +77,9 @@ def _worker(rank: int, world_size: int, port: int, ds: str, tok: str, root: str)
     d = D.init_distributed("cpu")
     try:
         for strategy in ("ddp", "fsdp"):  # one process group for both: start-up is the slow part
-            pretrain(config(Path(ds), Path(tok), Path(root) / strategy, strategy), dist=d)
+            # FSDP without micro-batches: the validation set must still be the single process's (issue 20).
+            micro = 2 if strategy == "ddp" else None
+            pretrain(config(Path(ds), Path(tok), Path(root) / strategy, strategy, micro), dist=d)
             dist.barrier()
     finally:
         D.shutdown(d)
@@ -128,3 +130,61 @@ def test_launch_documentation_names_torchrun_flags():
         assert flag in D.__doc__
     with pytest.raises(ValueError, match="train.strategy"):
         D.wrap_model(torch.nn.Linear(2, 2), "zero3", D.Dist(world_size=2))
+
+
+def _eval_task_and_model(ds: Path, eval_batch_size: int):
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+    from gptlab.train.task import LanguageModelingTask
+
+    task = LanguageModelingTask(ds, 32, eval_batch_size=eval_batch_size, eval_batches=3, fused_loss=False)
+    torch.manual_seed(0)
+    return task, GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=32, vocab_size=300))
+
+
+def _eval_worker(rank: int, world_size: int, port: int, ds: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    from gptlab.train import distributed as D
+    from gptlab.train.loop import evaluate
+
+    d = D.init_distributed("cpu")
+    try:
+        torch.set_num_threads(1)
+        found = {}
+        # 5 rows: 3 + 2, in passes of 2 (rank 1 pads its second pass); 1 row under FSDP: rank 1 pads.
+        for size, strategy, micro in ((5, "ddp", 2), (1, "fsdp", None)):
+            task, model = _eval_task_and_model(Path(ds), size)
+            wrapped = D.wrap_model(model, strategy, d)
+            found[size] = evaluate(wrapped, task, task.validation_batches(), d, torch.float32, micro)
+        if d.is_main:
+            Path(out).write_text(json.dumps(found))
+    finally:
+        D.shutdown(d)
+
+
+def test_validation_loss_does_not_depend_on_world_size(tmp_path: Path):
+    """Issue 20: val_loss was 6.929 alone and 6.850 on 2 processes with the same weights."""
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+
+    from gptlab.train import distributed as D
+    from gptlab.train.loop import evaluate
+
+    ds, _ = make_dataset(tmp_path)
+    out = tmp_path / "two.json"
+    mp.spawn(_eval_worker, args=(2, _free_port(), str(ds), str(out)), nprocs=2, join=True)
+    two = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    for size in (5, 1):
+        task, model = _eval_task_and_model(ds, size)
+        batches = task.validation_batches()
+        alone = evaluate(model, task, batches, D.Dist(), torch.float32)
+        # Reference: every token of every validation sequence, one mean.
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        with torch.no_grad():
+            logits, _ = model(x, y)
+        reference = float(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+        assert abs(alone - reference) < 1e-5
+        assert abs(two[size] - reference) < 1e-5, (size, two[size], reference)

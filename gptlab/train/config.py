@@ -16,6 +16,8 @@ from gptlab.config import ModelConfig, apply_overrides, flatten, from_dict, load
 
 DTYPES = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("single", "dcp")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -92,6 +94,13 @@ class OptimSection:
     """Clip the global gradient norm to this; 0 disables."""
     fused: bool | None = None
     """Fused AdamW kernel; None: on where supported (CPU and CUDA, unsharded or FSDP)."""
+    name: str = "adamw"
+    """'adamw', or 'muon': torch.optim.Muon for the blocks' 2-D weight matrices and AdamW (at `lr`)
+    for embeddings, head, norms and biases, as modded-nanogpt and nanochat split them."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (nanochat's matrix LR); follows the same warm-up and decay."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum (Jordan et al. 2024; torch's default)."""
 
 
 @dataclass
@@ -145,6 +154,12 @@ class TrainSection:
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: int = 3
     """Keep the newest K checkpoints; 0 keeps all."""
+    checkpoint_format: str = "single"
+    """'single': full state gathered on rank 0 into model.safetensors + train state (loads anywhere);
+    'dcp': torch.distributed.checkpoint shards, each rank writing its own (for models too large to
+    gather; resumes on any number of processes; `gptlab convert --from-dcp` makes a single file)."""
+    async_checkpoint: bool = False
+    """With checkpoint_format 'dcp': write in the background while training goes on."""
     patience: int = 0
     """Stop early once `early_stopping_metric` has not improved for this many evaluations; 0 disables."""
     early_stopping_metric: str = "val_loss"
@@ -193,6 +208,12 @@ class TrainConfig:
             raise ValueError(f"train.dtype must be one of {list(DTYPES)}, got {t.dtype!r}")
         if t.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}, got {t.strategy!r}")
+        if t.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"train.checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, got {t.checkpoint_format!r}"
+            )
+        if t.async_checkpoint and t.checkpoint_format != "dcp":
+            raise ValueError("train.async_checkpoint needs train.checkpoint_format = 'dcp'")
         positive = ("batch_size", "max_steps", "eval_batches", "log_interval", "batch_ramp_start", "eval_tasks_items")
         for name in positive:
             if getattr(t, name) < 1:
@@ -207,6 +228,12 @@ class TrainConfig:
             raise ValueError(f"train.patience must be >= 0, got {t.patience}")
         if t.max_nonfinite_steps < 1:
             raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
+        if o.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {list(OPTIMIZERS)}, got {o.name!r}")
+        if o.muon_lr <= 0 or not 0 <= o.muon_momentum < 1:
+            raise ValueError(
+                f"need optim.muon_lr > 0 and 0 <= optim.muon_momentum < 1; got {o.muon_lr}, {o.muon_momentum}"
+            )
         if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0:
             raise ValueError(
                 f"need optim.lr > 0, 0 <= optim.min_lr_ratio <= 1, optim.warmup_steps >= 0; got "

@@ -29,10 +29,25 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    tensor_parallel: int = 1
+    """Ranks that share one model replica by tensor parallelism (consecutive ranks, the mesh's inner
+    dimension); the world size divided by it is the data-parallel size."""
+    mesh: Any = None
+    """The ("dp", "tp") DeviceMesh once tensor parallelism is set up; None otherwise."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Model replicas: the ranks that read different data."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        """Which replica this rank belongs to (ranks of one tensor-parallel group read the same data)."""
+        return self.rank // self.tensor_parallel
 
     @property
     def enabled(self) -> bool:
@@ -167,6 +182,11 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     yield
 
 
+def optimizers_of(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers inside a container of several (Muon + AdamW), or the one given."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
 # ---- full state dicts (every rank calls; rank 0 gets the tensors) ------------------------------
 def _options(**kw: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -183,7 +203,9 @@ def full_state(
 
     opts = _options(cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    optim_sd = None
+    if optimizer is not None:
+        optim_sd = get_optimizer_state_dict(model, optimizers_of(optimizer), options=opts)
     return model_sd, optim_sd
 
 
@@ -200,4 +222,4 @@ def load_full_state(
     opts = _options(broadcast_from_rank0=d.enabled)
     set_model_state_dict(model, model_sd, options=opts)
     if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        set_optimizer_state_dict(model, optimizers_of(optimizer), optim_sd, options=opts)

@@ -30,6 +30,7 @@ from gptlab.train.eval_tasks import TrainEvalTasks
 from gptlab.train.metrics import MetricsLogger, peak_flops
 from gptlab.train.optim import build_optimizer, set_lr
 from gptlab.train.schedule import batch_size_at, lr_at
+from gptlab.train.sharded import ShardedCheckpointer, is_sharded, load_sharded
 from gptlab.train.state import (
     LoadedCheckpoint,
     TrainState,
@@ -42,8 +43,9 @@ from gptlab.train.state import (
     rng_state,
     set_rng_state,
     write_checkpoint,
+    write_state_files,
 )
-from gptlab.train.task import Task, to_device
+from gptlab.train.task import Task, batch_rows, row_slice, split_rows, to_device
 
 if TYPE_CHECKING:
     from gptlab.tokenizer import Tokenizer
@@ -166,9 +168,11 @@ def _train(
     wrapped = D.wrap_model(model, t.strategy, d)
     params = [(n, p) for n, p in ((_clean_name(n), p) for n, p in wrapped.named_parameters()) if n in trainable]
     optimizer = build_optimizer(wrapped, params, cfg.optim, device)
-    if start_from is not None:
+    if start_from is not None and is_sharded(start_from):
+        load_sharded(start_from, wrapped, optimizer)
+    elif start_from is not None:
         D.load_full_state(wrapped, optimizer, loaded.model_sd if loaded else {}, loaded.optim_sd if loaded else {}, d)
-        del loaded
+    del loaded
     if rng_all:
         set_rng_state(*rng_all[d.rank % len(rng_all)])
     else:
@@ -233,12 +237,12 @@ def _run(
     from tqdm.auto import tqdm
 
     t, o = cfg.train, cfg.optim
-    device, W = d.device, d.world_size
+    device, W = d.device, d.dp_size
     decay_steps = o.decay_steps or t.max_steps
     config = getattr(raw_model, "config", None)
     context = getattr(task, "seq_len", None)
     flops_per_token = config.flops_per_token(context, backward=True) if config is not None else None
-    peak = peak_flops(device, dtype, t.peak_flops) * W if flops_per_token else None
+    peak = peak_flops(device, dtype, t.peak_flops) * d.world_size if flops_per_token else None
     val_batches = task.validation_batches() if t.eval_interval else []
     eval_tasks = TrainEvalTasks(t, tokenizer, W) if t.eval_tasks and t.eval_interval else None
     # A task may validate by generating (RL) rather than by a loss over fixed batches.
@@ -260,13 +264,14 @@ def _run(
     val_loss: float | None = None
     saved: Path | None = None
     stop_reason = "max_steps"
+    sharded = ShardedCheckpointer(d, t.async_checkpoint) if t.checkpoint_format == "dcp" else None
     model.train()
 
     def checkpoint() -> Path:
         nonlocal saved
         state.elapsed = elapsed_before + time.perf_counter() - session_start
         began = time.perf_counter()
-        saved = _save(cfg, d, model, raw_model, optimizer, state, run_dir, tokenizer)
+        saved = _save(cfg, d, model, raw_model, optimizer, state, run_dir, tokenizer, sharded)
         timer.pause(time.perf_counter() - began)
         return saved
 
@@ -281,7 +286,7 @@ def _run(
         lr = lr_at(step, o.lr, o.warmup_steps, decay_steps, o.min_lr_ratio)
         set_lr(optimizer, lr)
         local = batch_size // W
-        first = state.position + d.rank * local
+        first = state.position + d.dp_rank * local
         micro = t.micro_batch_size or local
         starts = list(range(first, first + local, micro))
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -296,10 +301,11 @@ def _run(
             weight = len(indices) / batch_size
             (loss.float() * (weight * W)).backward()
             loss_sum += loss.detach().float() * weight
-        D.all_reduce_sum(d, loss_sum)
-        tokens_here = torch.tensor(float(step_tokens), device=device)
-        step_tokens = int(D.all_reduce_sum(d, tokens_here).item())
-        loss_value = float(loss_sum.item())
+        # Over every rank; the ranks of a tensor-parallel group hold copies of one replica's figures.
+        sums = torch.tensor([float(loss_sum), float(step_tokens)], dtype=torch.float64, device=device)
+        D.all_reduce_sum(d, sums)
+        sums /= d.tensor_parallel
+        loss_value, step_tokens = float(sums[0]), round(float(sums[1]))
         grad_norm = _grad_norm(grads, o.grad_clip) if math.isfinite(loss_value) else float("nan")
 
         state.step += 1
@@ -370,7 +376,7 @@ def _run(
             if evaluate_now:
                 began = time.perf_counter()
                 if val_batches:
-                    val_loss = evaluate(model, task, val_batches, d, dtype)
+                    val_loss = evaluate(model, task, val_batches, d, dtype, t.micro_batch_size)
                     row["val_loss"] = val_loss
                     if state.best_val_loss is None or val_loss < state.best_val_loss:
                         state.best_val_loss = val_loss
@@ -397,6 +403,8 @@ def _run(
     else:  # already at max_steps when resuming
         if saved is None and d.is_main:
             saved = latest_resumable(run_dir)
+    if sharded is not None and sharded.finish() is not None:  # an asynchronous write still in flight
+        D.barrier(d)
     bar.close()
     if logger is not None:
         logger.plot()
@@ -443,22 +451,37 @@ def _grad_norm(grads: list[nn.Parameter], clip: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, batches: list[Any], d: D.Dist, dtype: torch.dtype) -> float:
-    """Token-weighted mean loss over `batches`, split across ranks (each rank runs the same number of
-    forward passes, as FSDP requires; padding passes count zero)."""
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    batches: list[Any],
+    d: D.Dist,
+    dtype: torch.dtype,
+    micro_batch_size: int | None = None,
+) -> float:
+    """Token-weighted mean loss over `batches`. Each batch is split by rows across the data-parallel
+    ranks, and each rank's rows into forward passes of `micro_batch_size`, so the same sequences are
+    scored whatever the world size or micro-batch. Every rank runs the same number of forward passes
+    (FSDP needs all of them in each); a rank short of rows repeats a row at weight zero."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)
-    per_rank = -(-len(batches) // d.world_size)
-    for k in range(per_rank):
-        i = d.rank + k * d.world_size
-        batch = to_device(batches[i] if i < len(batches) else batches[0], d.device)
-        with autocast(d.device, dtype):
-            loss = task.loss(model, batch)
-        if i < len(batches):
-            n = task.tokens(batch)
-            total[0] += float(loss) * n
-            total[1] += n
+    for batch in batches:
+        rows = batch_rows(batch)
+        mine = split_rows(batch, d.dp_rank, d.dp_size)
+        most = -(-rows // d.dp_size)  # the largest rank's share
+        micro = micro_batch_size or most
+        for k in range(-(-most // micro)):
+            part = row_slice(mine, k * micro, (k + 1) * micro)
+            empty = batch_rows(part) == 0
+            part = to_device(row_slice(batch, 0, 1) if empty else part, d.device)
+            with autocast(d.device, dtype):
+                loss = task.loss(model, part)
+            if not empty:
+                n = task.tokens(part)
+                total[0] += float(loss) * n
+                total[1] += n
+    # Tensor-parallel ranks repeat their group's rows: numerator and denominator scale alike.
     D.all_reduce_sum(d, total)
     model.train(was_training)
     return float(total[0] / total[1])
@@ -473,9 +496,10 @@ def _save(
     state: TrainState,
     run_dir: Path,
     tokenizer: Tokenizer | None,
+    sharded: ShardedCheckpointer | None,
 ) -> Path:
-    """Gather full state on rank 0 (a collective), write the checkpoint there, prune old ones."""
-    model_sd, optim_sd = D.full_state(model, optimizer, d)
+    """Write a checkpoint (a collective) and prune old ones: DCP shards from every rank, or the full
+    state gathered on rank 0."""
     rng = rng_state()
     if d.enabled:
         gathered: list[Any] = [None] * d.world_size
@@ -484,9 +508,17 @@ def _save(
     else:
         rngs = [rng]
     directory = checkpoint_dir(run_dir, state.step)
+    extra = {"step": state.step, "tokens": state.tokens, "train": cfg.to_dict()}
+    keep = cfg.train.keep_checkpoints
+    if sharded is not None:
+
+        def main_files(tmp: Path) -> None:
+            write_state_files(tmp, raw_model.config, None, None, state, rngs, tokenizer, extra)
+
+        return sharded.save(directory, model, optimizer, main_files, lambda: prune_checkpoints(run_dir, keep))
+    model_sd, optim_sd = D.full_state(model, optimizer, d)
     if d.is_main:
-        extra = {"step": state.step, "tokens": state.tokens, "train": cfg.to_dict()}
         write_checkpoint(directory, raw_model.config, model_sd, optim_sd, state, rngs, tokenizer, extra)
-        prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+        prune_checkpoints(run_dir, keep)
     D.barrier(d)
     return directory

@@ -96,7 +96,9 @@ def pretrain(cfg: TrainConfig, *, resume: bool | str | Path = False, dist: D.Dis
             cfg.data.dataset,
             cfg.data.seq_len,
             seed=cfg.data.seed,
-            eval_batch_size=cfg.train.micro_batch_size or max(1, cfg.train.batch_size // d.world_size),
+            # Global batches: the validation sequences depend on neither the world size (issue 20) nor
+            # the micro-batch; evaluation splits them over ranks and micro-batches.
+            eval_batch_size=cfg.train.batch_size,
             eval_batches=cfg.train.eval_batches,
             fused_loss=cfg.train.fused_loss,
         )

@@ -27,6 +27,7 @@ import torch
 from gptlab.checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    SHARDED_DIR,
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     atomic_dir,
@@ -147,36 +148,58 @@ def write_checkpoint(
 
     `rng` holds every rank's RNG state, rank order. Returns the directory.
     """
+    with atomic_dir(directory) as tmp:
+        write_state_files(tmp, model_config, model_sd, optim_sd, state, rng, tokenizer, extra)
+    return directory
+
+
+def write_state_files(
+    directory: Path,
+    model_config: ModelConfig,
+    model_sd: dict[str, torch.Tensor] | None,
+    optim_sd: dict[str, Any] | None,
+    state: TrainState,
+    rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    tokenizer: Tokenizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The files of a checkpoint, written into an existing (temporary) directory with checksums.json.
+    `model_sd` None: a sharded checkpoint, whose weights and optimizer state sit in `SHARDED_DIR`
+    (gptlab.train.sharded writes them); then this writes config, tokenizer, train state and RNG only."""
     from safetensors.torch import save_file
 
-    with atomic_dir(directory) as tmp:
-        config = {"format": "gptlab", "model": model_config.to_dict(), **(extra or {})}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    config = {"format": "gptlab", "model": model_config.to_dict(), **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    written = [directory / CONFIG_FILE, directory / STATE_TENSORS, directory / STATE_JSON]
+    if model_sd is not None:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model_sd.items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
-        tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"version": STATE_VERSION, "state": asdict(state), "rng": []}
-        if optim_sd is not None:
-            optim_tensors, meta["optimizer"] = _flatten_optimizer(optim_sd)
-            tensors.update(optim_tensors)
-        for rank, (rng_tensors, rng_scalars) in enumerate(rng):
-            tensors.update({f"rng/{rank}/{k}": v.contiguous() for k, v in rng_tensors.items()})
-            meta["rng"].append(rng_scalars)
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2))
-        write_checksums(tmp)
-    return directory
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        written.append(directory / WEIGHTS_FILE)
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER_DIR)
+        written += [p for p in (directory / TOKENIZER_DIR).rglob("*") if p.is_file()]
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"version": STATE_VERSION, "state": asdict(state), "rng": [], "sharded": model_sd is None}
+    if optim_sd is not None:
+        optim_tensors, meta["optimizer"] = _flatten_optimizer(optim_sd)
+        tensors.update(optim_tensors)
+    for rank, (rng_tensors, rng_scalars) in enumerate(rng):
+        tensors.update({f"rng/{rank}/{k}": v.contiguous() for k, v in rng_tensors.items()})
+        meta["rng"].append(rng_scalars)
+    save_file(tensors, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps(meta, indent=2))
+    write_checksums(directory, written)
 
 
 @dataclass
 class LoadedCheckpoint:
     directory: Path
-    model_sd: dict[str, torch.Tensor]
+    model_sd: dict[str, torch.Tensor] | None
     optim_sd: dict[str, Any] | None
     state: TrainState
     rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]
+    sharded: bool = False
+    """Weights and optimizer state are DCP shards in `directory / SHARDED_DIR` (model_sd, optim_sd None)."""
 
 
 def read_checkpoint(directory: Path) -> LoadedCheckpoint:
@@ -197,8 +220,12 @@ def read_checkpoint(directory: Path) -> LoadedCheckpoint:
         raise ValueError(f"{file} has version {meta.get('version')}, expected {STATE_VERSION}")
     model_config_of(read_config(directory), directory / CONFIG_FILE)
     tensors = read_safetensors(directory / STATE_TENSORS)
-    model_sd = read_safetensors(directory / WEIGHTS_FILE)
-    check_finite(model_sd, directory / WEIGHTS_FILE)
+    sharded = bool(meta.get("sharded"))
+    if sharded and not (directory / SHARDED_DIR / ".metadata").is_file():
+        raise ValueError(f"{directory / SHARDED_DIR} has no .metadata: the sharded checkpoint is incomplete")
+    model_sd = None if sharded else read_safetensors(directory / WEIGHTS_FILE)
+    if model_sd is not None:
+        check_finite(model_sd, directory / WEIGHTS_FILE)
     check_finite(tensors, directory / STATE_TENSORS)
     try:
         optim_sd = _unflatten_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
@@ -211,7 +238,7 @@ def read_checkpoint(directory: Path) -> LoadedCheckpoint:
         raise ValueError(
             f"{file} is corrupted: {type(e).__name__} {e} while reading it; resume from an earlier checkpoint"
         ) from None
-    return LoadedCheckpoint(directory, model_sd, optim_sd, state, rng)
+    return LoadedCheckpoint(directory, model_sd, optim_sd, state, rng, sharded)
 
 
 def read_newest_good(run_dir: Path) -> LoadedCheckpoint | None:

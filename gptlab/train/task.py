@@ -53,12 +53,46 @@ class Task(Protocol):
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    return _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of examples in a batch: the shared first dimension of its tensors."""
+    sizes = {t.shape[0] for t in _tensors(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch's tensors must share their first (example) dimension, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def split_rows(batch: Any, part: int, parts: int) -> Any:
+    """Part `part` of `parts` contiguous, near-equal slices of a batch along its example dimension
+    (torch.tensor_split's division; a part may be empty when the batch has fewer rows than parts)."""
+    n = batch_rows(batch)
+    return row_slice(batch, part * n // parts, (part + 1) * n // parts)
+
+
+def row_slice(batch: Any, begin: int, end: int) -> Any:
+    """Examples begin..end-1 of a batch (fewer, or none, past its end)."""
+    return _map_tensors(batch, lambda t: t[begin:end])
+
+
+def _tensors(batch: Any) -> list[Tensor]:
     if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
+        return [batch]
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return [t for v in batch.values() for t in _tensors(v)]
     if isinstance(batch, list | tuple):
-        return type(batch)(to_device(v, device) for v in batch)
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+def _map_tensors(batch: Any, fn: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
     return batch
 
 
