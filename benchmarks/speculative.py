@@ -13,8 +13,9 @@ For every K the table gives tokens/s without and with speculation (medians of `-
 round times plain and speculative decoding of every prompt back to back, so a noisy neighbour hits
 both), the measured acceptance rate a (accepted / drafted tokens), the speed-up that rate predicts,
 (1 - a^(K+1)) / ((1 - a)(1 + cK)) with c the draft model's step cost over the target's (measured
-here; 0 for prompt lookup), and the measured speed-up. Greedy output is checked to equal plain
-decoding's token for token.
+here; 0 for prompt lookup), and the measured speed-up; beside them, what one forward over K + 1
+positions costs against one over a single position (the formula counts it 1). Greedy output is
+checked to equal plain decoding's token for token.
 
     python benchmarks/speculative.py --target runs/target --draft runs/draft
     python benchmarks/speculative.py --target T --draft D --ks 2 4 --runs 1 --new-tokens 32   # quick
@@ -112,6 +113,27 @@ def step_seconds(model, ids: list[int], new: int) -> float:
     return min(seconds, again) / new
 
 
+def verify_cost(model, ids: list[int], k: int, repeats: int = 30) -> float:
+    """Seconds of one forward over K + 1 new positions of a sequence over those of one position (the
+    formula counts them equal); minimums, which a noisy neighbour cannot lower."""
+    from gptlab.infer.engine import InferenceEngine
+
+    engine = InferenceEngine(model, kv_cache_tokens=len(ids) + k + 64)
+    seq = engine.sequence(ids)
+    engine.forward([seq])
+    best = {}
+    for n in (1, k + 1):
+        times = []
+        for _ in range(repeats):
+            seq.tokens.extend(ids[1 : n + 1])
+            start = time.perf_counter()
+            engine.forward([seq], [n])
+            times.append(time.perf_counter() - start)
+            engine.truncate(seq, len(ids))
+        best[n] = min(times)
+    return best[k + 1] / best[1]
+
+
 def run_workload(name, target, prompts, new, ks, runs, make_spec, c):
     """Rows of the table for one workload: per K, plain and speculative tokens/s and acceptance over all
     prompts; and per prompt (the acceptance of one kind of text differs from another's)."""
@@ -138,6 +160,7 @@ def run_workload(name, target, prompts, new, ks, runs, make_spec, c):
             plain_rates.append(plain_tokens / plain_time)
             spec_rates.append(spec_tokens / spec_time)
         rows.append(_row(name, k, c, statistics.median(plain_rates), statistics.median(spec_rates), totals))
+        rows[-1]["verify_cost"] = verify_cost(target, prompts[0], k)
         for i, t in enumerate(totals):
             plain, fast = statistics.median(t["plain"]), statistics.median(t["spec"])
             per_prompt.append({**_row(name, k, c, plain, fast, [t]), "prompt": i})
@@ -158,12 +181,16 @@ def _row(name: str, k: int, c: float, plain: float, fast: float, totals: list[di
 
 
 def print_table(rows: list[dict], first: str) -> None:
-    print(f"| {first} | K | plain tok/s | speculative tok/s | acceptance | tokens / step | predicted | measured |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    verify = all("verify_cost" in r for r in rows)
+    extra = " verify / step |" if verify else ""
+    head = f"| {first} | K | plain tok/s | speculative tok/s | acceptance | tokens / step |"
+    print(f"{head}{extra} predicted | measured |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if verify else ""))
     for r in rows:
         label = r["workload"] if first == "workload" else f"{r['workload']} #{r['prompt']}"
+        cost = f" {r['verify_cost']:.2f} |" if verify else ""
         print(f"| {label} | {r['k']} | {r['plain']:.1f} | {r['speculative']:.1f} | {r['acceptance']:.2f} | "
-              f"{r['tokens_per_step']:.2f} | {r['predicted']:.2f}x | {r['measured']:.2f}x |")  # fmt: skip
+              f"{r['tokens_per_step']:.2f} |{cost} {r['predicted']:.2f}x | {r['measured']:.2f}x |")  # fmt: skip
 
 
 def main() -> None:
