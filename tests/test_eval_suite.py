@@ -343,3 +343,28 @@ def test_finetune_eval_tasks_flag(hf_dir: Path, tmp_path: Path, capsys: pytest.C
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["eval/winogrande"] <= 1 for r in rows)
     bad = [a if a != "winogrande" else "mmlu" for a in args]
     assert main(bad) == 2 and "unknown task 'mmlu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["hellaswag", "piqa", "boolq", "arc_easy"])
+def test_lm_eval_style_few_shot_prompts_and_scores_equal_lm_eval(task: str, lm_eval_env, hf_dir: Path, ours,
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    """lm-eval's sampler drawn the same way: its 3-shot contexts are ours, and so are the scores (tasks
+    whose config scores validation draw K + 1 and keep K; ARC scores test and draws K). LAMBADA is left
+    out: lm-eval's few-shot examples put two spaces before the last word (context, delimiter, " word")."""
+    import lm_eval.models.huggingface  # noqa: F401
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = write_lm_eval_tasks(tmp_path)
+    run = lm_eval_env.simple_evaluate(
+        model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"}, tasks=[task], device="cpu",
+        batch_size=4, task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+        num_fewshot=3, log_samples=True, bootstrap_iters=10,
+    )  # fmt: skip
+    model, tok = ours
+    mine = evaluate_suite_task(model, tok, task, 3, data=FIXTURES, style="lm-eval")
+    samples = _samples(run, task)
+    for sample, d in zip(samples, mine["items"], strict=True):
+        assert d["prompt"] in {a[0] for a in sample["arguments"]}
+        lls = [float(r[0]) for r in sample["filtered_resps"]]
+        assert lls == pytest.approx(d["loglikelihoods"], abs=2e-4)
+    assert run["results"][task]["acc,none"] == pytest.approx(mine["metrics"]["acc"])

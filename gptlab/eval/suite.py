@@ -3,7 +3,9 @@
 Task data: `gptlab.eval.suite_data`; prompt formats and scoring rules: `gptlab.eval.suite_tasks`.
 A K-shot prompt is K solved items from the task's train split (the scored split for LAMBADA, which has
 none), drawn by a generator seeded with (seed, item index) and never the tested item, joined by blank
-lines, then the item (paper section 2.4: "K examples ... delimited by 1 or 2 newlines").
+lines, then the item (paper section 2.4: "K examples ... delimited by 1 or 2 newlines"). The lm-eval
+style draws as lm-eval's sampler does (one generator seeded once, K draws per item in order), so its
+few-shot prompts are lm-eval's own.
 All multiple-choice requests of a run go to the scorer at once: each distinct context (examples +
 question) is computed once and every completion forks its blocks (`gptlab.eval.scoring.score_shared`).
 """
@@ -64,19 +66,22 @@ def build(
             "asked for; lower the shots"
         )
     prefixes = []
+    shared = random.Random(seed)  # lm-eval's sampler: one generator drawn from item after item
     for i, item in enumerate(items):
         if not shots:
             prefixes.append("")
             continue
-        rng = random.Random(seed * 1_000_003 + i)
-        picks = rng.sample(range(len(pool)), min(len(pool), shots + 1))
-        examples = []
-        for j in picks:
-            example = spec.format(pool[j], style, fewshot)
-            if (own and j == i) or example == item:  # never the tested item itself
-                continue
-            examples.append(example.example())
-        prefixes.append(FEWSHOT_DELIMITER.join(examples[:shots]) + FEWSHOT_DELIMITER)
+        if style == "lm-eval":  # its draws exactly: K, or K + 1 less the item when it is in the pool
+            picks = shared.sample(range(len(pool)), shots + (own or spec.lm_eval_extra_draw))
+        else:  # each item's examples on their own, whatever items come before it
+            picks = random.Random(seed * 1_000_003 + i).sample(range(len(pool)), min(len(pool), shots + 1))
+        examples = [spec.format(pool[j], style, fewshot) for j in picks]
+        if own or style != "lm-eval":  # never the tested item (lm-eval draws from another split unchecked)
+            examples = [e for j, e in zip(picks, examples, strict=True) if not ((own and j == i) or e == item)]
+        if len(examples) < shots and style == "lm-eval":  # as lm-eval: draw again from the pool less the item
+            rest = [j for j in range(len(pool)) if not (own and j == i)]
+            examples = [spec.format(pool[j], style, fewshot) for j in shared.sample(rest, shots)]
+        prefixes.append(FEWSHOT_DELIMITER.join(e.example() for e in examples[:shots]) + FEWSHOT_DELIMITER)
     return Prompted(spec, items, prefixes, shots, style)
 
 

@@ -63,6 +63,9 @@ class TaskSpec:
     """(record, style, with few-shot examples) -> Item."""
     answer_context: str | None = None
     """Context of the unconditional probability (`acc_uncond`); None: not this task's normalisation."""
+    lm_eval_extra_draw: bool = False
+    """lm-eval's config of the task names no test split (it scores validation) nor a few-shot split; the
+    two being equal, its sampler draws K + 1 examples to drop the scored item, and keeps the first K."""
 
     def stop(self, style: str) -> tuple[str, ...]:
         return ("\n", ".", ",") if style == "lm-eval" else ("\n",)
@@ -142,14 +145,14 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("lambada_openai", "cloze", "acc", _lambada),
-        TaskSpec("hellaswag", "multiple_choice", "acc_token", _hellaswag),
-        TaskSpec("piqa", "multiple_choice", "acc_token", _piqa),
+        TaskSpec("hellaswag", "multiple_choice", "acc_token", _hellaswag, lm_eval_extra_draw=True),
+        TaskSpec("piqa", "multiple_choice", "acc_token", _piqa, lm_eval_extra_draw=True),
         TaskSpec("arc_easy", "multiple_choice", "acc_uncond", _arc, answer_context="Answer:"),
         TaskSpec("arc_challenge", "multiple_choice", "acc_uncond", _arc, answer_context="Answer:"),
         TaskSpec("openbookqa", "multiple_choice", "acc_uncond", _openbookqa, answer_context="Answer:"),
-        TaskSpec("winogrande", "partial", "acc", _winogrande),
-        TaskSpec("boolq", "multiple_choice", "acc", _boolq),
-        TaskSpec("triviaqa", "generation", "em", _triviaqa),
+        TaskSpec("winogrande", "partial", "acc", _winogrande, lm_eval_extra_draw=True),
+        TaskSpec("boolq", "multiple_choice", "acc", _boolq, lm_eval_extra_draw=True),
+        TaskSpec("triviaqa", "generation", "em", _triviaqa, lm_eval_extra_draw=True),
     )
 }
 assert set(TASKS) == set(SOURCES)
