@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.eval.suite import build, evaluate_suite_task
+from gptlab.eval.suite import MAX_ANSWER_TOKENS, build, evaluate_suite_task
 from gptlab.eval.suite_data import SOURCES, MissingDataError, load_split
 from gptlab.eval.suite_tasks import TASKS, exact_match, normalize_answer
 
@@ -368,3 +368,16 @@ def test_lm_eval_style_few_shot_prompts_and_scores_equal_lm_eval(task: str, lm_e
         lls = [float(r[0]) for r in sample["filtered_resps"]]
         assert lls == pytest.approx(d["loglikelihoods"], abs=2e-4)
     assert run["results"][task]["acc,none"] == pytest.approx(mine["metrics"]["acc"])
+
+
+def test_paper_style_triviaqa_answers_by_beam_search(ours) -> None:
+    """GPT-3 section 2.4: free-form answers by beam search, width 4, length penalty 0.6 (lm-eval: greedy)."""
+    from gptlab.infer.generate import generate
+
+    model, tok = ours
+    for style, beams in (("paper", dict(num_beams=4, length_penalty=0.6)), ("lm-eval", {})):
+        r = evaluate_suite_task(model, tok, "triviaqa", 1, data=FIXTURES, style=style)
+        prompts = [d["prompt"] for d in r["items"]]
+        want = generate(model, tok, prompts, temperature=0, max_new_tokens=MAX_ANSWER_TOKENS,
+                        stop=list(TASKS["triviaqa"].stop(style)), **beams)  # fmt: skip
+        assert [d["completion"] for d in r["items"]] == [c.text for c in want]

@@ -231,9 +231,12 @@ def greedy_until(
     max_tokens: Sequence[int],
     batch_size: int = 16,
     progress: bool = False,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[str]:
     """Greedy completion of each prompt (its own stop strings and token limit), cut before the first
     stop string; end-of-text also stops. Prompts too long for the window lose their oldest tokens.
+    `num_beams` > 1: beam search (with `length_penalty`) instead of greedy decoding.
 
     Prompts sharing stop strings and limit run as one left-padded batch through `gptlab.infer.generate`.
     """
@@ -248,7 +251,8 @@ def greedy_until(
         (key, idx[j : j + batch_size]) for key, idx in groups.items() for j in range(0, len(idx), batch_size)
     ]
     for (s, m), idx in tqdm(chunks, desc="generating", unit="batch", disable=not progress):
-        params = SamplingParams(max_new_tokens=m, temperature=0.0, stop=list(s))
+        params = SamplingParams(max_new_tokens=m, temperature=0.0, stop=list(s), num_beams=num_beams,
+                                length_penalty=length_penalty)  # fmt: skip
         completions = generate(model, tokenizer, [prompts[i] for i in idx], params)
         for i, c in zip(idx, completions, strict=True):
             out[i] = c.text

@@ -98,7 +98,7 @@ def score(
         outputs = greedy_until(
             model, tokenizer, [p + it.contexts[0] for p, it in zip(prefixes, items, strict=True)],
             [spec.stop(prompted.style)] * len(items), [MAX_ANSWER_TOKENS] * len(items),
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, **spec.decoding(prompted.style),
         )  # fmt: skip
         details = [{"completion": o, "em": float(exact_match(o, it.answers))} for o, it in zip(outputs, items)]
         return _summary(prompted, details, ["em"], {})

@@ -18,7 +18,8 @@ Scoring, per the paper's section 2.4:
   rest of the sentence after the blank is the completion scored under each.
 - LAMBADA: `acc` when every token of the last word is the greedy prediction, and `ppl` the perplexity
   exp(-mean log P(word | context)) over items (GPT-2 paper table 3 / lm-eval's definition).
-- TriviaQA: greedy completion, exact match after TriviaQA's own answer normalisation (lower case,
+- TriviaQA: a completion by beam search (width 4, length penalty 0.6, GPT-3 section 2.4; greedy in the
+  lm-eval style), exact match after TriviaQA's own answer normalisation (lower case,
   punctuation and articles removed, whitespace collapsed) against any alias of the answer.
 """
 
@@ -28,6 +29,7 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gptlab.eval.suite_data import SOURCES, Doc
 
@@ -69,6 +71,11 @@ class TaskSpec:
 
     def stop(self, style: str) -> tuple[str, ...]:
         return ("\n", ".", ",") if style == "lm-eval" else ("\n",)
+
+    def decoding(self, style: str) -> dict[str, Any]:
+        """How free-form answers are decoded: the paper's beam search (section 2.4: width 4, length
+        penalty 0.6, as in the GPT-2 paper), or lm-eval's greedy decoding."""
+        return {} if style == "lm-eval" else {"num_beams": 4, "length_penalty": 0.6}
 
 
 def _choice_item(context: str, choices: list[str], gold: int) -> Item:
