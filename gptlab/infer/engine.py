@@ -2,10 +2,11 @@
 
 `InferenceEngine.forward(seqs)` computes every pending token of each sequence and returns the logits
 callers sample from. Sequences that feed one token (decoding) run together on the fastest backend that
-takes the batch (the C step on gptlab's CPU kernels, else the torch reference); sequences that feed
-several (prompts, recomputation after preemption, the K + 1 positions a speculative step verifies) run
-through the reference step, right-padded in
-batches. `generate`, `stream`, beam search, evaluation and the server all decode through one engine.
+takes the batch (the C step on gptlab's CPU kernels, else the torch reference); on the C step, so do
+the few tokens of a sequence already under way (the K + 1 positions a speculative step verifies), a row
+per position. Sequences that feed more (prompts, recomputation after preemption) run through the
+reference step, right-padded in batches. `generate`, `stream`, beam search, evaluation and the server
+all decode through one engine.
 """
 
 from __future__ import annotations

@@ -292,9 +292,7 @@ class Engine:
             live = [e for e in live if e in still]
         if live:
             speculator.step([e.row for e in live], self.tokenizer.eot_id)
-        self.counters["tokens"] += sum(len(e.row.ids) for e in entries) - before
-        self.counters["steps"] += 1
-        self.counters["max_batch"] = max(self.counters["max_batch"], len(live) + fresh)
+        self._count_step(sum(len(e.row.ids) for e in entries) - before, len(live) + fresh)
         for entry in live:
             self._send(entry)
         self._retire()
@@ -431,11 +429,15 @@ class Engine:
         assert self._logits is not None
         before = sum(len(r.ids) for r in rows)
         advance(rows, self._logits, self.tokenizer.eot_id, self.max_len)
-        self.counters["tokens"] += sum(len(r.ids) for r in rows) - before
-        self.counters["steps"] += 1
-        self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
+        self._count_step(sum(len(r.ids) for r in rows) - before, len(rows))
         for entry in self._running:
             self._send(entry)
+
+    def _count_step(self, tokens: int, batch: int) -> None:
+        """One decoding step of `batch` rows that produced `tokens` tokens."""
+        self.counters["tokens"] += tokens
+        self.counters["steps"] += 1
+        self.counters["max_batch"] = max(self.counters["max_batch"], batch)
 
     def _send(self, entry: _Entry) -> None:
         job, row = entry.group.job, entry.row
