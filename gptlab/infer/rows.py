@@ -25,6 +25,9 @@ from gptlab.infer.sampling import SamplingParams, make_generator, process_logits
 
 log = logging.getLogger("gptlab.infer")
 
+NOT_FINITE = "the model's next-token scores are not finite numbers (NaN or infinite)"
+"""Why a row whose logits cannot be sampled failed (plain and speculative steps alike)."""
+
 
 class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -230,7 +233,7 @@ def advance(rows: Sequence[Row], logits: Tensor, eos_id: int | None, n_ctx: int)
         if matcher is not None and matcher.error is not None:
             rows[b].fail(f"constrained decoding failed: {matcher.error}")
         else:
-            rows[b].fail("the model's next-token scores are not finite numbers (NaN or infinite)")
+            rows[b].fail(NOT_FINITE)
     for b, (row, token) in enumerate(zip(rows, tokens, strict=True)):
         if row.done:
             continue

@@ -30,13 +30,11 @@ from gptlab.infer.cache import BLOCK_SIZE
 from gptlab.infer.cache import Sequence as CacheSequence
 from gptlab.infer.constrain import apply_masks
 from gptlab.infer.engine import InferenceEngine
-from gptlab.infer.rows import Row, record
+from gptlab.infer.rows import NOT_FINITE, Row, record
 from gptlab.infer.sampling import argmax, process_logits, sample_next, top_logprobs
 from gptlab.model import GPT
 
 log = logging.getLogger("gptlab.infer")
-
-BROKEN = "the model's next-token scores are not finite numbers (NaN or infinite)"
 
 
 @dataclass
@@ -182,7 +180,7 @@ class Speculator:
                         break
                 else:
                     if failed:
-                        row.fail(BROKEN)
+                        row.fail(NOT_FINITE)
                     else:
                         row.seq.tokens.append(tokens[-1])
             except Exception as e:  # one row's bookkeeping (a tokenizer error, say) ends that row alone
