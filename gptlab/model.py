@@ -56,8 +56,10 @@ def _band_bias(nb: int, w: int, device: torch.device, dtype: torch.dtype) -> Ten
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        # Heads and width this module computes; tensor parallelism lowers both to one rank's share.
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.head_size = config.n_embd // config.n_head
         self.layer = layer
         self.local = config.is_local(layer)
         self.window = config.local_window
@@ -67,14 +69,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, T, C = x.shape
-        hs = C // self.n_head
+        B, T, _ = x.shape
+        hs = self.head_size
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         y = self.attend(q, k, v, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:

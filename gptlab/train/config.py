@@ -131,10 +131,17 @@ class TrainSection:
     """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
     strategy: str = "ddp"
     """Under torchrun: 'ddp' (replicate) or 'fsdp' (shard parameters, gradients, optimizer: FSDP2)."""
+    tensor_parallel: int = 1
+    """Ranks that split each block (Megatron-style tensor parallelism: c_attn / c_fc column-wise, c_proj
+    row-wise); the rest of the world size is data parallel, with FSDP2 (train.strategy is then ignored)."""
+    sequence_parallel: bool = False
+    """With tensor_parallel > 1: also split layer norms, dropout and the residual stream along the
+    sequence (less activation memory; the sequence length must divide by tensor_parallel)."""
     device: str = "auto"
     """'auto' (cuda when available), 'cpu', 'cuda'; each rank takes cuda:LOCAL_RANK."""
     seed: int = 1337
-    """Seeds initialisation and dropout (rank r uses seed + r for dropout)."""
+    """Seeds initialisation and dropout (data-parallel replica r uses seed + r for dropout; the ranks of
+    one tensor-parallel group draw the same masks)."""
     eval_interval: int = 100
     """Validation every this many steps (and at the end); 0 disables."""
     eval_batches: int = 20
@@ -211,6 +218,12 @@ class TrainConfig:
         if t.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
                 f"train.checkpoint_format must be one of {list(CHECKPOINT_FORMATS)}, got {t.checkpoint_format!r}"
+            )
+        if t.tensor_parallel < 1:
+            raise ValueError(f"train.tensor_parallel must be >= 1, got {t.tensor_parallel}")
+        if t.sequence_parallel and t.tensor_parallel == 1:
+            raise ValueError(
+                "train.sequence_parallel splits the sequence over tensor-parallel ranks; set train.tensor_parallel > 1"
             )
         if t.async_checkpoint and t.checkpoint_format != "dcp":
             raise ValueError("train.async_checkpoint needs train.checkpoint_format = 'dcp'")

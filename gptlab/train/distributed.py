@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,15 +139,23 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap_model(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
-    """DDP or FSDP2 (`fully_shard` on every block, then the root) over `model`; alone: unchanged."""
-    if not d.enabled:
+    """DDP or FSDP2 (`fully_shard` on every block, then the root) over `model`; alone: unchanged.
+    Beside tensor parallelism (already applied), data parallelism is FSDP2 on the mesh's "dp" dimension,
+    also when that has one rank: every parameter is then a DTensor, which one fused optimizer step needs."""
+    mesh = None
+    if d.tensor_parallel > 1:
+        strategy, mesh = "fsdp", d.mesh["dp"]
+    elif not d.enabled:
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        from gptlab.train.tensor_parallel import fsdp_placement_fn
+
+        place = fsdp_placement_fn(model)
         for block in _blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh, shard_placement_fn=place)
+        fully_shard(model, mesh=mesh, shard_placement_fn=place)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -182,6 +191,28 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     yield
 
 
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients so their global 2-norm is at most `max_norm`; the norm before. Gradients may
+    be DTensors on different meshes (FSDP2's "dp" beside tensor parallelism's 2-D one), which one
+    `clip_grad_norm_` cannot stack: each mesh's norm is reduced on its own, then combined."""
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        squares.append(float(norm) ** 2)
+    total = math.sqrt(sum(squares))
+    if math.isfinite(total) and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
 def optimizers_of(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
     """The optimizers inside a container of several (Muon + AdamW), or the one given."""
     return list(getattr(optimizer, "optimizers", [optimizer]))
@@ -201,11 +232,15 @@ def full_state(
     A collective under FSDP: every rank must call it; only rank 0's result holds tensors."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    from gptlab.train.tensor_parallel import map_full_state, qkv_layout
+
     opts = _options(cpu_offload=True)
     model_sd = get_model_state_dict(model, options=opts)
     optim_sd = None
     if optimizer is not None:
         optim_sd = get_optimizer_state_dict(model, optimizers_of(optimizer), options=opts)
+    if d.is_main:
+        model_sd, optim_sd = map_full_state(model_sd, optim_sd, *qkv_layout(model), inverse=False)
     return model_sd, optim_sd
 
 
@@ -219,6 +254,10 @@ def load_full_state(
     """Load full state dicts; distributed, rank 0's copy is broadcast (other ranks may pass empty)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from gptlab.train.tensor_parallel import map_full_state, qkv_layout
+
+    if d.is_main:
+        model_sd, optim_sd = map_full_state(model_sd, optim_sd, *qkv_layout(model), inverse=True)
     opts = _options(broadcast_from_rank0=d.enabled)
     set_model_state_dict(model, model_sd, options=opts)
     if optimizer is not None and optim_sd is not None:

@@ -24,8 +24,10 @@ class TrainEvalTasks:
                 "train.eval_tasks needs the tokenizer to write prompts with; set data.tokenizer to the "
                 "dataset's tokenizer directory"
             )
-        if t.strategy == "fsdp" and world_size > 1:
-            raise ValueError("train.eval_tasks scores the whole model on rank 0; it does not run under FSDP")
+        if (t.strategy == "fsdp" and world_size > 1) or t.tensor_parallel > 1:
+            raise ValueError(
+                "train.eval_tasks scores the whole model on rank 0; it does not run under FSDP or tensor parallelism"
+            )
         self.tokenizer = tokenizer
         self.evaluator = TaskEvaluator(
             parse_tasks(t.eval_tasks), t.eval_tasks_data, items=t.eval_tasks_items, shots=t.eval_tasks_shots

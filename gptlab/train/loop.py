@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from gptlab.train import distributed as D
+from gptlab.train import tensor_parallel as TP
 from gptlab.train.config import TrainConfig
 from gptlab.train.eval_tasks import TrainEvalTasks
 from gptlab.train.metrics import MetricsLogger, peak_flops
@@ -157,10 +158,16 @@ def _train(
     prepare = getattr(task, "prepare_model", None)
     if prepare is not None:
         prepare(model)
+    TP.setup_mesh(d, t.tensor_parallel)
+    if d.tensor_parallel > 1:
+        TP.parallelize(model, d, t.sequence_parallel)
+        if d.is_main:
+            sp = ", sequence parallel" if t.sequence_parallel else ""
+            print(f"tensor parallel {d.tensor_parallel} x data parallel {d.dp_size} (FSDP2){sp}", flush=True)
     if t.activation_checkpointing:
         D.apply_activation_checkpointing(model)
     if t.compile:
-        if d.enabled and t.strategy == "fsdp":
+        if d.enabled and (t.strategy == "fsdp" or d.tensor_parallel > 1):
             for block in D._blocks(model):
                 block.compile()
         else:
@@ -173,10 +180,12 @@ def _train(
     elif start_from is not None:
         D.load_full_state(wrapped, optimizer, loaded.model_sd if loaded else {}, loaded.optim_sd if loaded else {}, d)
     del loaded
+    # Dropout masks differ across data-parallel replicas and agree within a tensor-parallel group
+    # (its ranks hold copies of the replicated activations).
     if rng_all:
-        set_rng_state(*rng_all[d.rank % len(rng_all)])
+        set_rng_state(*rng_all[(d.dp_rank * d.tensor_parallel) % len(rng_all)])
     else:
-        torch.manual_seed(t.seed + d.rank)  # dropout masks differ across ranks
+        torch.manual_seed(t.seed + d.dp_rank)
 
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -444,10 +453,7 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
 
 def _grad_norm(grads: list[nn.Parameter], clip: float) -> float:
     """Clip to `clip` (0: measure only) and return the global norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
-        norm = norm.full_tensor()
-    return float(norm)
+    return D.clip_grad_norm(grads, clip if clip > 0 else float("inf"))
 
 
 @torch.no_grad()

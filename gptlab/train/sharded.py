@@ -29,6 +29,7 @@ from gptlab.checkpoint import SHARDED_DIR, atomic_dir
 from gptlab.config import ModelConfig
 from gptlab.files import replace_dir
 from gptlab.train import distributed as D
+from gptlab.train import tensor_parallel as TP
 from gptlab.train.state import read_checkpoint, write_checkpoint, write_state_files
 
 
@@ -37,7 +38,8 @@ def is_sharded(directory: Path) -> bool:
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """This rank's shards keyed by parameter name (DTensors under FSDP / TP; DCP reshards by name)."""
+    """This rank's shards keyed by parameter name (DTensors under FSDP / TP; DCP reshards by name), in
+    the live layout (see gptlab.train.tensor_parallel)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -46,14 +48,23 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return state
 
 
+def _stored_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` as DCP stores it, the same for every layout (c_attn in GPT-2's order, see TP.to_storage)."""
+    layout = TP.qkv_layout(model)
+    return {part: TP.to_storage(sd, *layout) for part, sd in state.items()}
+
+
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a sharded checkpoint into the (wrapped) model and optimizer; every rank calls it."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = _state(model, optimizer)
+    live = _state(model, optimizer)
+    state = _stored_state(model, live)
     dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR), no_dist=not dist.is_initialized())
+    layout = TP.qkv_layout(model)
+    state = {part: TP.from_storage(sd, live[part], *layout) for part, sd in state.items()}
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, D.optimizers_of(optimizer), state["optim"])
@@ -88,7 +99,7 @@ class ShardedCheckpointer:
             tmp.mkdir(parents=True)
             write_main_files(tmp)
         D.barrier(self.d)
-        state = _state(model, optimizer)
+        state = _stored_state(model, _state(model, optimizer))
         target = str(tmp / SHARDED_DIR)
         if self.async_save:
             if self.d.enabled and self._group is None:
@@ -125,7 +136,10 @@ def read_sharded_full(directory: Path) -> tuple[dict[str, torch.Tensor], dict[st
         file = Path(scratch) / "state.pt"
         dcp_to_torch_save(str(directory / SHARDED_DIR), str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)
-    return state["model"], state.get("optim")
+    model_sd, optim_sd = state["model"], state.get("optim")
+    for sd in (model_sd, optim_sd or {}):
+        TP.reshape_full(sd, to_storage_form=False)
+    return model_sd, optim_sd
 
 
 def _described(src: Path) -> tuple[ModelConfig, dict[str, Any], Any]:
@@ -169,6 +183,8 @@ def single_to_sharded(src: str | Path, out: str | Path, overwrite: bool = False)
     state: dict[str, Any] = {"model": loaded.model_sd}
     if loaded.optim_sd is not None:
         state["optim"] = loaded.optim_sd
+    for sd in state.values():
+        TP.reshape_full(sd, to_storage_form=True)
     with atomic_dir(out) as tmp:
         write_state_files(tmp, model_config, None, None, loaded.state, loaded.rng, tokenizer, extra)
         dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=True)
