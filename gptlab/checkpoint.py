@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,15 +165,15 @@ def model_config_of(config: dict[str, Any], file: Path) -> ModelConfig:
 
 def _load_gptlab(directory: Path, config: dict[str, Any]) -> GPT:
     mc = model_config_of(config, directory / CONFIG_FILE)
-    if not (directory / WEIGHTS_FILE).is_file() and (directory / SHARDED_DIR).is_dir():
-        raise ValueError(
-            f"{directory} is a sharded (DCP) training checkpoint; make a single-file one with "
-            f"`gptlab convert --from-dcp {directory} --out DIR` and load that"
-        )
     with torch.device("meta"):
         model = GPT(mc)
-    verify_checksums(directory, [WEIGHTS_FILE])
-    state = read_safetensors(directory / WEIGHTS_FILE)
+    if not (directory / WEIGHTS_FILE).is_file() and (directory / SHARDED_DIR).is_dir():
+        # A sharded training checkpoint: read whole in this process (`gptlab convert --from-dcp` writes
+        # the single file once, for repeated loads of a large model).
+        state = read_sharded_full(directory)[0]
+    else:
+        verify_checksums(directory, [WEIGHTS_FILE])
+        state = read_safetensors(directory / WEIGHTS_FILE)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -202,3 +203,40 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         f"no tokenizer found in {path} (looked in {', '.join(str(c) for c in candidates)}); "
         "pass --tokenizer DIR with encoder.json + vocab.bpe, vocab.json + merges.txt or tokenizer.json"
     )
+
+
+# ---- sharded (DCP) training checkpoints, read whole in one process --------------------------------
+def read_sharded_full(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Full (unsharded) model and optimizer state dicts of a sharded checkpoint, in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(dir=directory.parent) as scratch:
+        file = Path(scratch) / "state.pt"
+        dcp_to_torch_save(str(directory / SHARDED_DIR), str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    model_sd, optim_sd = state["model"], state.get("optim")
+    for sd in (model_sd, optim_sd or {}):
+        sharded_storage_form(sd, to_storage=False)
+    return model_sd, optim_sd
+
+
+def sharded_storage_form(state: dict[str, Any], to_storage: bool) -> None:
+    """Whole model / optimizer state dicts between the single-file form ((3C, C_in) c_attn weights) and
+    the sharded checkpoints' form ((3, C, C_in): each rank's shard is one box whatever the parallel
+    layout, see gptlab.train.tensor_parallel), in place."""
+
+    def shape(t: torch.Tensor) -> torch.Tensor:
+        if to_storage and t.dim() == 2:
+            return t.reshape(3, t.shape[0] // 3, t.shape[1])
+        if not to_storage and t.dim() == 3:
+            return t.reshape(-1, t.shape[2])
+        return t
+
+    for key in state:
+        if key.endswith("attn.c_attn.weight"):
+            state[key] = shape(state[key])
+    for key, slots in state.get("state", {}).items():
+        if key.endswith("attn.c_attn.weight"):
+            for name, value in slots.items():
+                if isinstance(value, torch.Tensor):
+                    slots[name] = shape(value)

@@ -220,13 +220,24 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--global-batch", type=int, default=1536, help="sequences per optimizer step")
     p.add_argument("--tokens", type=float, default=300e9, help="training tokens")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the time assumes")
+    p.add_argument("--tensor-parallel", type=int, help="tensor-parallel size (default: the smallest that fits)")
+    p.add_argument(
+        "--activation-checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="recompute activations in the backward (auto: only when nothing fits without)",
+    )
     p.add_argument("--out", default="plan.json", help="config file `gptlab train --config` runs")
 
     def run(args: argparse.Namespace) -> int:
         from gptlab.presets import preset
         from gptlab.reports.planner import format_plan, plan, write_plan_config
 
-        p_ = plan(preset(args.model), args.gpu, args.gpus, args.seq_len, args.global_batch, args.tokens, args.mfu)
+        checkpointing = {"auto": None, "on": True, "off": False}[args.activation_checkpointing]
+        p_ = plan(
+            preset(args.model), args.gpu, args.gpus, args.seq_len, args.global_batch, args.tokens, args.mfu,
+            checkpointing, args.tensor_parallel,
+        )  # fmt: skip
         print(format_plan(p_))
         print(f"wrote {write_plan_config(p_, args.model, args.out)}")
         return 0

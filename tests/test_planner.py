@@ -58,3 +58,25 @@ def test_plan_writes_a_train_config(tmp_path: Path, capsys):
     assert cfg.train.batch_size % (64 * cfg.train.micro_batch_size) == 0
     assert main(["plan", "gpt3-175b", "--gpu", "H100", "--gpus", "8", "--global-batch", "8", "--out", str(out)]) != 0
     assert "does not fit 8 x H100" in capsys.readouterr().err
+
+
+def test_tensor_parallel_when_data_parallel_alone_does_not_fit(tmp_path: Path):
+    """175B on 64 H100s: FSDP alone needs activation checkpointing; tensor parallel 8 (within a node) fits
+    without it, each GPU holding 1/8 of the blocks' state over 8 data-parallel ranks."""
+    from gptlab.presets import preset
+    from gptlab.reports.planner import USABLE_MEMORY, plan, write_plan_config
+    from gptlab.reports.sizing import training_memory
+    from gptlab.train.config import load_train_config
+
+    cfg = preset("gpt3-175b")
+    p = plan(cfg, "H100", 64, 2048, 1536)
+    assert (p.tensor_parallel, p.data_parallel, p.activation_checkpointing) == (8, 8, False)
+    blocks, n = cfg.n_params(embeddings=False), cfg.n_params()
+    whole = training_memory(cfg, p.micro_batch, 2048)
+    expected = whole["weights"] * (blocks / 8 + n - blocks) / n / 8
+    assert abs(p.memory["weights"] - expected) / expected < 1e-9
+    assert p.memory["total"] <= USABLE_MEMORY * 80e9
+    # With the data-parallel layout only (tensor parallel 1), the activations alone overflow the GPU.
+    assert training_memory(cfg, 1, 2048)["activations"] > 80e9
+    loaded = load_train_config(write_plan_config(p, "gpt3-175b", tmp_path / "p.json"))
+    assert (loaded.train.tensor_parallel, loaded.train.sequence_parallel) == (8, True)

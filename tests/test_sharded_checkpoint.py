@@ -97,8 +97,10 @@ def test_exact_resume_and_convert_round_trip(tmp_path: Path, data):
     with pytest.raises(ValueError, match="--overwrite"):
         sharded_to_single(ckpt, single)
     final = load_model(sharded_to_single(run / "checkpoints" / "step_00000004", tmp_path / "final"))
+    direct = load_model(run / "checkpoints" / "step_00000004").state_dict()  # generate / serve read DCP too
     for name, value in final.state_dict().items():
         assert torch.isfinite(value).all(), name
+        assert torch.equal(direct[name], value), name
     back = tmp_path / "back"
     (back / "checkpoints").mkdir(parents=True)
     shutil.copy(run / "config.json", back / "config.json")

@@ -16,7 +16,6 @@ checkpoint is published when the write completes (checked before the next save a
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptlab.checkpoint import SHARDED_DIR, atomic_dir
+from gptlab.checkpoint import SHARDED_DIR, atomic_dir, read_sharded_full, sharded_storage_form
 from gptlab.config import ModelConfig
 from gptlab.files import replace_dir
 from gptlab.train import distributed as D
@@ -128,20 +127,6 @@ class ShardedCheckpointer:
 
 
 # ---- conversion to and from the single-file checkpoint (`gptlab convert`) ------------------------
-def read_sharded_full(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Full (unsharded) model and optimizer state dicts of a sharded checkpoint, in one process."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory(dir=directory.parent) as scratch:
-        file = Path(scratch) / "state.pt"
-        dcp_to_torch_save(str(directory / SHARDED_DIR), str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    model_sd, optim_sd = state["model"], state.get("optim")
-    for sd in (model_sd, optim_sd or {}):
-        TP.reshape_full(sd, to_storage_form=False)
-    return model_sd, optim_sd
-
-
 def _described(src: Path) -> tuple[ModelConfig, dict[str, Any], Any]:
     """A checkpoint's model config, the rest of its config.json, and its tokenizer (or None)."""
     from gptlab.checkpoint import model_config_of, read_config
@@ -184,7 +169,7 @@ def single_to_sharded(src: str | Path, out: str | Path, overwrite: bool = False)
     if loaded.optim_sd is not None:
         state["optim"] = loaded.optim_sd
     for sd in state.values():
-        TP.reshape_full(sd, to_storage_form=True)
+        sharded_storage_form(sd, to_storage=True)
     with atomic_dir(out) as tmp:
         write_state_files(tmp, model_config, None, None, loaded.state, loaded.rng, tokenizer, extra)
         dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=True)

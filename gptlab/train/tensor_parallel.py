@@ -260,24 +260,3 @@ def _restored(t: Tensor, like: Tensor, n_embd: int, tp: int) -> Tensor:
             local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
         )
     return t.reshape(3 * n_embd, t.shape[2]).clone()
-
-
-def reshape_full(state: dict[str, Any], to_storage_form: bool) -> None:
-    """Whole model / optimizer state dicts between the single-file form ((3C, C_in) c_attn weights) and
-    the DCP form ((3, C, C_in)), in place (for `gptlab convert --from-dcp / --to-dcp`)."""
-
-    def shape(t: Tensor) -> Tensor:
-        if to_storage_form and t.dim() == 2:
-            return t.reshape(3, t.shape[0] // 3, t.shape[1])
-        if not to_storage_form and t.dim() == 3:
-            return t.reshape(-1, t.shape[2])
-        return t
-
-    for key in state:
-        if key.endswith(QKV_WEIGHT):
-            state[key] = shape(state[key])
-    for key, slots in state.get("state", {}).items():
-        if key.endswith(QKV_WEIGHT):
-            for name, value in slots.items():
-                if isinstance(value, Tensor):
-                    slots[name] = shape(value)
