@@ -16,6 +16,7 @@ checkpoint is published when the write completes (checked before the next save a
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,6 +31,9 @@ from gptlab.files import replace_dir
 from gptlab.train import distributed as D
 from gptlab.train import tensor_parallel as TP
 from gptlab.train.state import read_checkpoint, write_checkpoint, write_state_files
+
+# DCP warns that it "assumes the intent" of a one-process save or load, which is what no_dist says.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def is_sharded(directory: Path) -> bool:

@@ -39,7 +39,8 @@ def setup_mesh(d: Any, tensor_parallel: int) -> None:
     if d.world_size < tensor_parallel:
         raise ValueError(
             f"train.tensor_parallel = {tensor_parallel} needs at least {tensor_parallel} processes, this run has "
-            f"{d.world_size}; launch with torchrun --nproc_per_node {tensor_parallel} (or a multiple)"
+            f"{d.world_size}; launch with torchrun --nproc_per_node {tensor_parallel} (or a multiple), or pass "
+            "--train.tensor_parallel 1 --train.sequence_parallel false (checkpoints resume under any layout)"
         )
     if d.world_size % tensor_parallel:
         raise ValueError(
