@@ -384,6 +384,25 @@ def test_readme_offline_path_a_local_hub_snapshot_converted_then_scored(
     assert rows["hellaswag"]["metric"] == "acc_token" and rows["hellaswag"]["n"] == 6
 
 
+def test_readme_hub_command_takes_weights_and_tokenizer_from_one_snapshot(
+    hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gptlab eval suite openai-community/gpt2 ...`: the hub id is downloaded once (here: the download
+    answers with a local save_pretrained directory) and the tokenizer is read from the same snapshot."""
+    import gptlab.interop.hf
+    from gptlab.cli import main
+
+    asked = []
+    monkeypatch.setattr(gptlab.interop.hf, "download", lambda name: asked.append(name) or hf_dir)
+    monkeypatch.chdir(tmp_path)  # no local directory may shadow the hub id
+    out = tmp_path / "suite"
+    assert main(["eval", "suite", "openai-community/gpt2", "--tasks", "lambada_openai", "--shots", "0",
+                 "--data", str(FIXTURES), "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert asked == ["openai-community/gpt2"]
+    row = json.loads((out / "results.json").read_text())["results"][0]
+    assert row["checkpoint"] == "openai-community/gpt2" and row["n"] == 7
+
+
 # ---- during training ---------------------------------------------------------------------------------
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
