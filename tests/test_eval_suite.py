@@ -199,11 +199,87 @@ def test_fewshot_examples_come_from_the_train_split_never_the_item() -> None:
         pool = [spec.format(d, "paper", True).example() for d in (train or test)]
         for prefix, item in zip(five.prefixes, five.items, strict=True):
             examples = prefix.split("\n\n")[:-1]
+            if spec.fewshot_header:
+                assert examples.pop(0) == spec.fewshot_header, task
             assert len(examples) == 5 and len(set(examples)) == 5, task
             assert all(e in pool for e in examples) and item.example() not in examples, task
-    lambada = build(TASKS["lambada_openai"], load_split("lambada_openai", "test", FIXTURES), [], 1)
-    assert lambada.prefixes[0].endswith(" ____. -> snow\n\n") or " ____. -> " in lambada.prefixes[0]
-    assert lambada.items[0].contexts[0].endswith("she ran down to the ____. ->")  # section 3.1.2
+
+
+# ---- the paper's formats, item by item: the examples of its appendix G figures ----------------------
+_PASSAGE = "Normal force -- In a simple case such as an object resting upon a table, the normal force is equal."
+_TORCH = ('She held the torch in front of her.\nShe caught her breath.\n"Chris? There\'s a step."\n"What?"\n'
+          '"A step. Cut in the rock. About fifty feet ahead." She moved faster. They both moved faster. '
+          '"In fact," she said, raising the torch higher, "there\'s more than a')  # fmt: skip
+_FEVER = [("a bacterial population in the bloodstream", "A"), ("a leg muscle relaxing after exercise", "B"),
+          ("several viral particles on the skin", "C"), ("carbohydrates being digested in the stomach", "D")]
+APPENDIX_G = {  # task: (record in the distributed format, contexts, completions), as figure G.x shows them
+    "piqa": (  # G.4: the goal alone
+        {"goal": "How to apply sealant to wood.", "label": 0,
+         "sol1": "Using a brush, brush on sealant onto wood until it is fully saturated with the sealant.",
+         "sol2": "Using a brush, drip on sealant onto wood until it is fully saturated with the sealant."},
+        ["How to apply sealant to wood."] * 2,
+        [" Using a brush, brush on sealant onto wood until it is fully saturated with the sealant.",
+         " Using a brush, drip on sealant onto wood until it is fully saturated with the sealant."]),
+    "boolq": (  # G.29: passage, then "question: ...?" and "answer:" on lines of their own, lower case
+        {"passage": _PASSAGE, "question": "is the normal force equal to the force of gravity", "answer": True},
+        [f"{_PASSAGE}\nquestion: is the normal force equal to the force of gravity?\nanswer:"] * 2,
+        [" no", " yes"]),
+    "triviaqa": (  # G.34: "Q:" and "A:", the answer a completion of its own line
+        {"Question": "'Nude Descending A Staircase' is perhaps the most famous painting by which 20th century "
+                     "artist?", "Answer": {"Value": "Marcel Duchamp", "Aliases": ["R.Mutt", "Duchamp"]}},
+        ["Q: 'Nude Descending A Staircase' is perhaps the most famous painting by which 20th century artist?\nA:"],
+        [" Marcel Duchamp"]),
+    "hellaswag": (  # G.9: "activity: context" and the ending
+        {"activity_label": "Making a cake", "label": 0,
+         "ctx_a": "Several cake pops are shown on a display. A woman and girl are shown making the cake pops in "
+                  "a kitchen.", "ctx_b": "they",
+         "endings": ["bake them, then frost and decorate.", "taste them as they place them on plates."]},
+        ["Making a cake: Several cake pops are shown on a display. A woman and girl are shown making the cake "
+         "pops in a kitchen. They"] * 2,
+        [" bake them, then frost and decorate.", " taste them as they place them on plates."]),
+    "arc_easy": (  # G.16: "Question: ... Answer:"
+        {"question": {"stem": "Which factor will most likely cause a person to develop a fever?",
+                      "choices": [{"text": t, "label": k} for t, k in _FEVER]}, "answerKey": "A"},
+        ["Question: Which factor will most likely cause a person to develop a fever?\nAnswer:"] * 4,
+        [" " + t for t, _ in _FEVER]),
+    "openbookqa": (  # G.8: the question stem alone
+        {"question": {"stem": "Organisms require energy in order to do what?",
+                      "choices": [{"text": "mature and develop.", "label": "A"},
+                                  {"text": "rest soundly.", "label": "B"}]}, "answerKey": "A"},
+        ["Organisms require energy in order to do what?"] * 2,
+        [" mature and develop.", " rest soundly."]),
+    "winogrande": (  # G.14: the option in the context, the rest of the sentence the completion
+        {"sentence": "Johnny likes fruits more than vegetables in his new keto diet because the _ are saccharine.",
+         "option1": "fruits", "option2": "vegetables", "answer": "1"},
+        ["Johnny likes fruits more than vegetables in his new keto diet because the fruits",
+         "Johnny likes fruits more than vegetables in his new keto diet because the vegetables"],
+        [" are saccharine.", " are saccharine."]),
+    "lambada_openai": (  # G.21 / section 3.1.2: with examples, the passage as a blank to fill
+        {"text": _TORCH + " step"}, [_TORCH + " ____. ->"], [" step"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", list(APPENDIX_G))
+def test_paper_style_formats_are_the_appendix_g_figures(task: str) -> None:
+    doc, contexts, continuations = APPENDIX_G[task]
+    item = TASKS[task].format(doc, "paper", True)
+    assert list(item.contexts) == contexts and list(item.continuations) == continuations
+    assert item.gold == 0 if task != "boolq" else item.gold == 1
+
+
+def test_paper_style_lambada_prompt_fills_the_blank_from_one_shot_on() -> None:
+    """Section 3.1.2: zero-shot is the plain passage; with examples, "Fill in blank:" (figure G.21) and
+    each passage as "context ____. -> word", one blank line apart, as the paper joins its examples."""
+    spec, (doc, contexts, _) = TASKS["lambada_openai"], APPENDIX_G["lambada_openai"]
+    example = {"text": "Alice was friends with Bob. Alice went to visit her friend Bob"}
+    zero = build(spec, [doc], [], 0)
+    assert zero.prefixes == [""] and zero.items[0].contexts == (_TORCH,)
+    one = build(spec, [doc], [example], 1)
+    want = "Fill in blank:\n\nAlice was friends with Bob. Alice went to visit her friend ____. -> Bob\n\n"
+    assert one.prefixes == [want] and one.items[0].contexts == tuple(contexts)
+    assert build(spec, [doc], [example], 1, style="lm-eval").prefixes == [
+        "Alice was friends with Bob. Alice went to visit her friend  Bob\n\n"  # lm-eval's two spaces
+    ]
 
 
 def test_hub_rows_convert_to_the_distributed_records() -> None:
@@ -272,6 +348,59 @@ def test_cli_suite_writes_table_json_and_plots(hf_dir: Path, ours, tmp_path: Pat
     assert table in printed and "| piqa | acc_token | 5 |" in table and "| lambada_openai | ppl | 7 |" in table
     for png in ("accuracy_vs_shots.png", "accuracy_vs_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_offline_path_a_local_hub_snapshot_converted_then_scored(
+    hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's GPT-2 124M command without the hub: a directory as `save_pretrained` (and the hub's
+    openai-community/gpt2) holds it, `gptlab convert --from-hf`, then `gptlab eval suite`; LAMBADA's
+    perplexity and accuracy recomputed with transformers' own model and tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from gptlab.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {f.name for f in hf_dir.iterdir()}
+    ckpt, out = tmp_path / "gpt2-124m", tmp_path / "suite"
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(ckpt)]) == 0
+    assert main(["eval", "suite", str(ckpt), "--tasks", "lambada_openai,hellaswag", "--shots", "0",
+                 "--data", str(FIXTURES), "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    rows = {r["task"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    hf_tok = transformers.GPT2TokenizerFast.from_pretrained(hf_dir)
+    lls, greedy = [], []
+    for doc in load_split("lambada_openai", "test", FIXTURES):
+        context, word = doc["text"].rsplit(" ", 1)
+        ctx_ids, ids = hf_tok(context)["input_ids"], hf_tok(context + " " + word)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1)
+        targets = torch.tensor(ids[len(ctx_ids):])
+        scored = logp[len(ctx_ids) - 1 :]
+        lls.append(scored.gather(1, targets[:, None]).sum().item())
+        greedy.append(float(bool((scored.argmax(-1) == targets).all())))
+    lam = rows["lambada_openai"]["metrics"]
+    assert lam["ppl"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
+    assert lam["acc"] == sum(greedy) / len(greedy)
+    assert rows["hellaswag"]["metric"] == "acc_token" and rows["hellaswag"]["n"] == 6
+
+
+def test_readme_hub_command_takes_weights_and_tokenizer_from_one_snapshot(
+    hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gptlab eval suite openai-community/gpt2 ...`: the hub id is downloaded once (here: the download
+    answers with a local save_pretrained directory) and the tokenizer is read from the same snapshot."""
+    import gptlab.interop.hf
+    from gptlab.cli import main
+
+    asked = []
+    monkeypatch.setattr(gptlab.interop.hf, "download", lambda name: asked.append(name) or hf_dir)
+    monkeypatch.chdir(tmp_path)  # no local directory may shadow the hub id
+    out = tmp_path / "suite"
+    assert main(["eval", "suite", "openai-community/gpt2", "--tasks", "lambada_openai", "--shots", "0",
+                 "--data", str(FIXTURES), "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert asked == ["openai-community/gpt2"]
+    row = json.loads((out / "results.json").read_text())["results"][0]
+    assert row["checkpoint"] == "openai-community/gpt2" and row["n"] == 7
 
 
 # ---- during training ---------------------------------------------------------------------------------
@@ -345,12 +474,14 @@ def test_finetune_eval_tasks_flag(hf_dir: Path, tmp_path: Path, capsys: pytest.C
     assert main(bad) == 2 and "unknown task 'mmlu'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", ["hellaswag", "piqa", "boolq", "arc_easy"])
-def test_lm_eval_style_few_shot_prompts_and_scores_equal_lm_eval(task: str, lm_eval_env, hf_dir: Path, ours,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
-    """lm-eval's sampler drawn the same way: its 3-shot contexts are ours, and so are the scores (tasks
-    whose config scores validation draw K + 1 and keep K; ARC scores test and draws K). LAMBADA is left
-    out: lm-eval's few-shot examples put two spaces before the last word (context, delimiter, " word")."""
+@pytest.mark.parametrize(("task", "shots"), [("hellaswag", 3), ("piqa", 3), ("boolq", 3), ("arc_easy", 3),
+                                           ("lambada_openai", 1), ("lambada_openai", 3), ("triviaqa", 3)])
+def test_lm_eval_style_few_shot_prompts_and_scores_equal_lm_eval(task: str, shots: int, lm_eval_env, hf_dir: Path,
+                                                                 ours, tmp_path: Path) -> None:  # fmt: skip
+    """lm-eval's sampler drawn the same way: its few-shot contexts are ours, and so are the scores (tasks
+    whose config scores validation draw K + 1 and keep K; ARC scores test and draws K; LAMBADA draws
+    from the scored split less the item). LAMBADA's examples keep lm-eval's two spaces before the last
+    word (its text, target_delimiter " ", then the target " word"); TriviaQA's show the first alias."""
     import lm_eval.models.huggingface  # noqa: F401
     from lm_eval.tasks import TaskManager
 
@@ -358,16 +489,24 @@ def test_lm_eval_style_few_shot_prompts_and_scores_equal_lm_eval(task: str, lm_e
     run = lm_eval_env.simple_evaluate(
         model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"}, tasks=[task], device="cpu",
         batch_size=4, task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-        num_fewshot=3, log_samples=True, bootstrap_iters=10,
+        num_fewshot=shots, log_samples=True, bootstrap_iters=10,
     )  # fmt: skip
     model, tok = ours
-    mine = evaluate_suite_task(model, tok, task, 3, data=FIXTURES, style="lm-eval")
+    mine = evaluate_suite_task(model, tok, task, shots, data=FIXTURES, style="lm-eval")
     samples = _samples(run, task)
+    if task == "lambada_openai":
+        assert all("  " in d["prompt"] for d in mine["items"])  # the two spaces are in every prompt
+    if task == "triviaqa":
+        assert [s["arguments"][0][0] for s in samples] == [d["prompt"] for d in mine["items"]]
+        assert [s["resps"][0][0] for s in samples] == [d["completion"] for d in mine["items"]]
+        return
     for sample, d in zip(samples, mine["items"], strict=True):
         assert d["prompt"] in {a[0] for a in sample["arguments"]}
         lls = [float(r[0]) for r in sample["filtered_resps"]]
         assert lls == pytest.approx(d["loglikelihoods"], abs=2e-4)
     assert run["results"][task]["acc,none"] == pytest.approx(mine["metrics"]["acc"])
+    if task == "lambada_openai":
+        assert run["results"][task]["perplexity,none"] == pytest.approx(mine["metrics"]["ppl"], rel=1e-4)
 
 
 def test_paper_style_triviaqa_answers_by_beam_search(ours) -> None:

@@ -3,7 +3,8 @@
 Task data: `gptlab.eval.suite_data`; prompt formats and scoring rules: `gptlab.eval.suite_tasks`.
 A K-shot prompt is K solved items from the task's train split (the scored split for LAMBADA, which has
 none), drawn by a generator seeded with (seed, item index) and never the tested item, joined by blank
-lines, then the item (paper section 2.4: "K examples ... delimited by 1 or 2 newlines"). The lm-eval
+lines, then the item (paper section 2.4: "K examples ... delimited by 1 or 2 newlines"); a task's header
+(LAMBADA's "Fill in blank:") opens the paper style's prompt when it has examples. The lm-eval
 style draws as lm-eval's sampler does (one generator seeded once, K draws per item in order), so its
 few-shot prompts are lm-eval's own.
 All multiple-choice requests of a run go to the scorer at once: each distinct context (examples +
@@ -71,17 +72,20 @@ def build(
         if not shots:
             prefixes.append("")
             continue
-        if style == "lm-eval":  # its draws exactly: K, or K + 1 less the item when it is in the pool
-            picks = shared.sample(range(len(pool)), shots + (own or spec.lm_eval_extra_draw))
+        if style == "lm-eval":  # its draws exactly: K, or K + 1 less the item where its sampler is given it
+            picks = shared.sample(range(len(pool)), shots + spec.lm_eval_extra_draw)
         else:  # each item's examples on their own, whatever items come before it
             picks = random.Random(seed * 1_000_003 + i).sample(range(len(pool)), min(len(pool), shots + 1))
         examples = [spec.format(pool[j], style, fewshot) for j in picks]
-        if own or style != "lm-eval":  # never the tested item (lm-eval draws from another split unchecked)
+        # never the tested item; lm-eval removes it only where it draws K + 1, so its LAMBADA (examples
+        # from the scored split, K draws) can show an item as its own example
+        if style != "lm-eval" or spec.lm_eval_extra_draw:
             examples = [e for j, e in zip(picks, examples, strict=True) if not ((own and j == i) or e == item)]
         if len(examples) < shots and style == "lm-eval":  # as lm-eval: draw again from the pool less the item
             rest = [j for j in range(len(pool)) if not (own and j == i)]
             examples = [spec.format(pool[j], style, fewshot) for j in shared.sample(rest, shots)]
-        prefixes.append(FEWSHOT_DELIMITER.join(e.example() for e in examples[:shots]) + FEWSHOT_DELIMITER)
+        header = [spec.fewshot_header] if spec.fewshot_header and style == "paper" else []
+        prefixes.append(FEWSHOT_DELIMITER.join(header + [e.example() for e in examples[:shots]]) + FEWSHOT_DELIMITER)
     return Prompted(spec, items, prefixes, shots, style)
 
 

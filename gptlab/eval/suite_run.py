@@ -41,7 +41,7 @@ def run_suite(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate, write the results table, JSON and plots under `out`; returns what results.json holds."""
-    from gptlab.checkpoint import atomic_write_text, load_model, load_tokenizer
+    from gptlab.checkpoint import atomic_write_text, is_hub_name, load_model, load_tokenizer
 
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
@@ -51,8 +51,13 @@ def run_suite(
         splits[name] = (load_split(name, "test", data), load_split(name, "train", data) if max(counts) else [])
     rows, began = [], time.perf_counter()
     for checkpoint in checkpoints:
-        model = load_model(checkpoint, device=device)
-        tok = load_tokenizer(tokenizer or checkpoint)
+        local = checkpoint
+        if isinstance(checkpoint, str) and is_hub_name(checkpoint):  # one snapshot: weights and tokenizer
+            from gptlab.interop.hf import download
+
+            local = download(checkpoint)
+        model = load_model(local, device=device)
+        tok = load_tokenizer(tokenizer or local)
         params = model.config.n_params()
         for name in names:
             for k in counts:

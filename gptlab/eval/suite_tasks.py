@@ -1,13 +1,15 @@
 """Prompt formats and scoring rules of the GPT-3 paper's tasks (Brown et al. 2020, section 2.4, appendix G).
 
 Two styles of prompt:
-- "paper": the formats of the paper's appendix G figures, as gptlab reads them.
+- "paper": the formats of the paper's appendix G figures (the README's eval-suite section lists, per task,
+  the figure, what it shows and what no source could settle).
 - "lm-eval": lm-evaluation-harness 0.4's task of the same name, for side-by-side checks.
-They differ for PIQA (the paper conditions on the goal alone, lm-eval on "Question: goal\\nAnswer:"),
-BoolQ (the paper's "question:" / "answer:" against lm-eval's "Question:" / "Answer:"), TriviaQA (the
-paper's "Q: ...\\nA:" stopping at a newline against lm-eval's "Question: ...?\\nAnswer:" stopping at a
-newline, period or comma) and LAMBADA with examples (the paper's fill-in-the-blank "context ____. ->"
-from one shot on; lm-eval's lambada_openai keeps the plain text). The rest are the same in both.
+They differ for PIQA (the paper conditions on the goal alone, figure G.4; lm-eval on "Question: goal\\nAnswer:"),
+BoolQ (figure G.29's "question:" / "answer:" against lm-eval's "Question:" / "Answer:"), TriviaQA (figure
+G.34's "Q: ...\\nA:" stopping at a newline against lm-eval's "Question: ...?\\nAnswer:" stopping at a
+newline, period or comma; lm-eval's few-shot answers are the first alias, ours the answer's own value) and
+LAMBADA with examples (section 3.1.2 and figure G.21: "Fill in blank:" then each passage as
+"context ____. -> word"; lm-eval's lambada_openai keeps the plain text). The rest are the same in both.
 
 Scoring, per the paper's section 2.4:
 - multiple choice compares log P(completion | context) per choice: `acc` the raw sum (lm-eval's `acc`),
@@ -49,10 +51,12 @@ class Item:
     gold: int = 0
     answers: tuple[str, ...] = ()
     """Generation: every accepted answer."""
+    example_gap: str = ""
+    """What a few-shot example puts between its context and its completion (see `_lambada`)."""
 
     def example(self) -> str:
         """The item solved, as a few-shot example."""
-        return self.contexts[self.gold] + self.continuations[self.gold]
+        return self.contexts[self.gold] + self.example_gap + self.continuations[self.gold]
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class TaskSpec:
     """(record, style, with few-shot examples) -> Item."""
     answer_context: str | None = None
     """Context of the unconditional probability (`acc_uncond`); None: not this task's normalisation."""
+    fewshot_header: str = ""
+    """The paper style's first line of a prompt with examples (figure G.21's "Fill in blank:")."""
     lm_eval_extra_draw: bool = False
     """lm-eval's config of the task names no test split (it scores validation) nor a few-shot split; the
     two being equal, its sampler draws K + 1 examples to drop the scored item, and keeps the first K."""
@@ -85,9 +91,11 @@ def _choice_item(context: str, choices: list[str], gold: int) -> Item:
 def _lambada(doc: Doc, style: str, fewshot: bool) -> Item:
     words = doc["text"].split(" ")  # lm-eval splits on single spaces; so do we, for equal prompts
     context = " ".join(words[:-1])
-    if style == "paper" and fewshot:  # section 3.1.2: the fill-in-the-blank format
-        context += " ____. ->"
-    return Item((context,), (" " + words[-1],), (words[-1],), 0)
+    if style == "paper" and fewshot:  # section 3.1.2 / figure G.21: fill in the blank from one shot on
+        context += " ____. ->"  # lm-eval's lambada_openai_cloze blank; the paper's transcriptions disagree
+    # lm-eval writes an example as text + target_delimiter " " + target, and LAMBADA's target is " word"
+    gap = " " if style == "lm-eval" else ""
+    return Item((context,), (" " + words[-1],), (words[-1],), 0, example_gap=gap)
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -145,13 +153,15 @@ def _triviaqa(doc: Doc, style: str, fewshot: bool) -> Item:
     question = doc["Question"]
     context = f"Q: {question}\nA:" if style == "paper" else f"Question: {question}?\nAnswer:"
     answers = tuple(dict.fromkeys([answer["Value"], *answer.get("Aliases", [])]))
-    return Item((context,), (" " + answer["Value"],), (answer["Value"],), 0, answers)
+    # lm-eval's target is the alias list, and a few-shot example shows its first entry
+    shown = answer["Aliases"][0] if style == "lm-eval" and answer.get("Aliases") else answer["Value"]
+    return Item((context,), (" " + shown,), (shown,), 0, answers)
 
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("lambada_openai", "cloze", "acc", _lambada),
+        TaskSpec("lambada_openai", "cloze", "acc", _lambada, fewshot_header="Fill in blank:"),
         TaskSpec("hellaswag", "multiple_choice", "acc_token", _hellaswag, lm_eval_extra_draw=True),
         TaskSpec("piqa", "multiple_choice", "acc_token", _piqa, lm_eval_extra_draw=True),
         TaskSpec("arc_easy", "multiple_choice", "acc_uncond", _arc, answer_context="Answer:"),
