@@ -186,9 +186,14 @@ def _load_gptlab(directory: Path, config: dict[str, Any]) -> GPT:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer saved with a checkpoint or run (tokenizer/ inside it, or the directory itself)."""
+    """The tokenizer saved with a checkpoint or run (tokenizer/ inside it, or the directory itself), or a
+    hub model's (as `load_model` takes hub names)."""
     from gptlab.tokenizer import Tokenizer
 
+    if isinstance(path, str) and is_hub_name(path):
+        from gptlab.interop.hf import download
+
+        path = download(path)
     path = Path(path)
     candidates = [path / TOKENIZER_DIR, path]
     with contextlib.suppress(FileNotFoundError):

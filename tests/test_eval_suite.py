@@ -403,6 +403,18 @@ def test_readme_hub_command_takes_weights_and_tokenizer_from_one_snapshot(
     assert row["checkpoint"] == "openai-community/gpt2" and row["n"] == 7
 
 
+def test_load_tokenizer_takes_a_hub_name_like_load_model(hf_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`gptlab eval perplexity / fewshot openai-community/gpt2` read the tokenizer from the hub snapshot."""
+    import gptlab.interop.hf
+    from gptlab.checkpoint import load_tokenizer
+    from gptlab.tokenizer import Tokenizer
+
+    monkeypatch.setattr(gptlab.interop.hf, "download", lambda name: hf_dir)
+    monkeypatch.chdir(tmp_path)
+    got = load_tokenizer("openai-community/gpt2")
+    assert got.encode("hello world") == Tokenizer.from_pretrained(hf_dir).encode("hello world")
+
+
 # ---- during training ---------------------------------------------------------------------------------
 def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
