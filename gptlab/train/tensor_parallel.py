@@ -86,6 +86,11 @@ def parallelize(model: nn.Module, d: Any, sequence_parallel: bool = False) -> No
         parallelize_module,
     )
 
+    if not hasattr(model, "transformer"):
+        raise ValueError(
+            f"train.tensor_parallel splits a GPT language model's blocks, not a {type(model).__name__}; "
+            "use data parallelism (train.strategy) for this task"
+        )
     tp = d.tensor_parallel
     mesh = d.mesh["tp"]
     config = model.config
