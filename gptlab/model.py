@@ -56,7 +56,7 @@ def _band_bias(nb: int, w: int, device: torch.device, dtype: torch.dtype) -> Ten
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        # Heads and width this module computes; tensor parallelism lowers both to one rank's share.
+        # The heads and width this module computes: a copy that holds a share of c_attn computes fewer.
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.head_size = config.n_embd // config.n_head
