@@ -149,3 +149,19 @@ def test_check_model_names_what_does_not_divide():
     check_model(ModelConfig(n_layer=1, n_head=4, n_embd=32), 4)
     with pytest.raises(ValueError, match="model.n_head = 3"):
         check_model(ModelConfig(n_layer=1, n_head=3, n_embd=24), 2)
+
+
+def test_clip_grad_norm_equals_torchs_on_plain_tensors():
+    from gptlab.train.distributed import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    for max_norm in (1e9, 0.5):  # measure only, then clip
+        expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        assert abs(clip_grad_norm(ours, max_norm) - float(expected)) < 1e-5
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)

@@ -208,8 +208,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     total = math.sqrt(sum(squares))
     if math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(scale)
+        for group in groups.values():
+            torch._foreach_mul_(group, scale)
     return total
 
 
