@@ -147,7 +147,7 @@ def _eval_worker(rank: int, world_size: int, port: int, ds: str, out: str) -> No
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     from gptlab.train import distributed as D
-    from gptlab.train.loop import evaluate
+    from gptlab.train.evaluate import evaluate
 
     d = D.init_distributed("cpu")
     try:
@@ -170,7 +170,7 @@ def test_validation_loss_does_not_depend_on_world_size(tmp_path: Path):
     import torch.nn.functional as F
 
     from gptlab.train import distributed as D
-    from gptlab.train.loop import evaluate
+    from gptlab.train.evaluate import evaluate
 
     ds, _ = make_dataset(tmp_path)
     out = tmp_path / "two.json"

@@ -13,7 +13,6 @@ The task decides what trains (`trainable_parameters`), on which batches (`batch`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from gptlab.train import distributed as D
 from gptlab.train import tensor_parallel as TP
 from gptlab.train.config import TrainConfig
 from gptlab.train.eval_tasks import TrainEvalTasks
-from gptlab.train.metrics import MetricsLogger, peak_flops
+from gptlab.train.evaluate import autocast, evaluate, resolve_dtype
+from gptlab.train.metrics import MetricsLogger, Throughput, peak_flops, progress_postfix
 from gptlab.train.optim import build_optimizer, set_lr
 from gptlab.train.schedule import batch_size_at, lr_at
 from gptlab.train.sharded import ShardedCheckpointer, is_sharded, load_sharded
@@ -46,7 +46,7 @@ from gptlab.train.state import (
     write_checkpoint,
     write_state_files,
 )
-from gptlab.train.task import Task, batch_rows, row_slice, split_rows, to_device
+from gptlab.train.task import Task, to_device
 
 if TYPE_CHECKING:
     from gptlab.tokenizer import Tokenizer
@@ -70,23 +70,6 @@ class TrainResult:
     """'max_steps', 'time_limit' or 'early_stopping'."""
     rows: list[dict[str, Any]] = field(default_factory=list)
     """The metrics rows this session logged (rank 0; empty elsewhere)."""
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    # Autocast on a CPU without bf16 instructions emulates it, slower than fp32.
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _clean_name(name: str) -> str:
@@ -214,21 +197,6 @@ def _read_resume(run_dir: Path, resume: bool | str | Path) -> LoadedCheckpoint |
     return read_newest_good(path) if not (path / "train_state.json").is_file() else read_checkpoint(path)
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.mark, self.tokens = self.start, 0
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        r = self.tokens / max(now - self.mark, 1e-9)
-        self.mark, self.tokens = now, 0
-        return r
-
-    def pause(self, seconds: float) -> None:
-        self.mark += seconds  # evaluation and checkpoints are not training throughput
-
-
 def _run(
     cfg: TrainConfig,
     d: D.Dist,
@@ -266,7 +234,7 @@ def _run(
         unit="step",
         desc="train",
     )
-    timer, session_start = _Timer(), time.perf_counter()
+    timer, session_start = Throughput(), time.perf_counter()
     elapsed_before = state.elapsed
     rows: list[dict[str, Any]] = []
     last_loss: float | None = None
@@ -402,7 +370,7 @@ def _run(
                 row.update(eval_tasks(raw_model))
                 timer.pause(time.perf_counter() - began)
             log(row)
-            bar.set_postfix(_postfix(row), refresh=False)
+            bar.set_postfix(progress_postfix(row), refresh=False)
             if (evaluate_now or tasks_now) and logger is not None:
                 logger.plot()
         if done or (t.checkpoint_interval and state.step % t.checkpoint_interval == 0):
@@ -440,57 +408,9 @@ def _track_best(state: TrainState, row: dict[str, Any], metric: str, patience: i
     return improved, patience > 0 and best["evals_without_improvement"] >= patience
 
 
-def _postfix(row: dict[str, Any]) -> dict[str, str]:
-    out = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
-    if row.get("mfu") is not None:
-        out["mfu"] = f"{100 * row['mfu']:.1f}%"
-    if row.get("val_loss") is not None:
-        out["val"] = f"{row['val_loss']:.3f}"
-    if row.get("reward") is not None:
-        out["reward"] = f"{row['reward']:.3f}"
-    return out
-
-
 def _grad_norm(grads: list[nn.Parameter], clip: float) -> float:
     """Clip to `clip` (0: measure only) and return the global norm before clipping."""
     return D.clip_grad_norm(grads, clip if clip > 0 else float("inf"))
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    task: Task,
-    batches: list[Any],
-    d: D.Dist,
-    dtype: torch.dtype,
-    micro_batch_size: int | None = None,
-) -> float:
-    """Token-weighted mean loss over `batches`. Each batch is split by rows across the data-parallel
-    ranks, and each rank's rows into forward passes of `micro_batch_size`, so the same sequences are
-    scored whatever the world size or micro-batch. Every rank runs the same number of forward passes
-    (FSDP needs all of them in each); a rank short of rows repeats a row at weight zero."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=d.device)
-    for batch in batches:
-        rows = batch_rows(batch)
-        mine = split_rows(batch, d.dp_rank, d.dp_size)
-        most = -(-rows // d.dp_size)  # the largest rank's share
-        micro = micro_batch_size or most
-        for k in range(-(-most // micro)):
-            part = row_slice(mine, k * micro, (k + 1) * micro)
-            empty = batch_rows(part) == 0
-            part = to_device(row_slice(batch, 0, 1) if empty else part, d.device)
-            with autocast(d.device, dtype):
-                loss = task.loss(model, part)
-            if not empty:
-                n = task.tokens(part)
-                total[0] += float(loss) * n
-                total[1] += n
-    # Tensor-parallel ranks repeat their group's rows: numerator and denominator scale alike.
-    D.all_reduce_sum(d, total)
-    model.train(was_training)
-    return float(total[0] / total[1])
 
 
 def _save(

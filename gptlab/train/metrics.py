@@ -155,3 +155,31 @@ def plot_loss(metrics_file: Path, out: Path) -> Path | None:
     fig.savefig(buf, format="png")
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+class Throughput:
+    """Tokens per second of training since the last reading, pauses (evaluation, checkpoints) left out."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.mark, self.tokens = self.start, 0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.tokens / max(now - self.mark, 1e-9)
+        self.mark, self.tokens = now, 0
+        return r
+
+    def pause(self, seconds: float) -> None:
+        self.mark += seconds  # evaluation and checkpoints are not training throughput
+
+
+def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
+    out = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+    if row.get("mfu") is not None:
+        out["mfu"] = f"{100 * row['mfu']:.1f}%"
+    if row.get("val_loss") is not None:
+        out["val"] = f"{row['val_loss']:.3f}"
+    if row.get("reward") is not None:
+        out["reward"] = f"{row['reward']:.3f}"
+    return out

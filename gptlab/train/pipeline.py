@@ -107,7 +107,7 @@ def ensure_dataset(data_dir: Path, tokenizer: Any, corpus: list[Path] | None = N
 
 def measure_step_seconds(cfg: TrainConfig, repeats: int = 3) -> float:
     """Median seconds of one optimizer step of `cfg` (resolved) on random tokens."""
-    from gptlab.train.loop import autocast, resolve_dtype
+    from gptlab.train.evaluate import autocast, resolve_dtype
     from gptlab.train.optim import build_optimizer
     from gptlab.train.pretrain import build_model
 
