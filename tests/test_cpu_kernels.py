@@ -219,8 +219,9 @@ def run_both_steps(model, prompts, steps):
 @needs_kernels
 @pytest.mark.parametrize("pattern", ["dense", "alternating"])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
-def test_fused_step_equals_the_torch_step(pattern, storage):
-    model = peaked_model(attn_pattern=pattern, local_window=3, n_layer=3)
+@pytest.mark.parametrize("head_size", [16, 64])  # 64: the value sums in registers (weigh_values64)
+def test_fused_step_equals_the_torch_step(pattern, storage, head_size):
+    model = peaked_model(attn_pattern=pattern, local_window=3, n_layer=3, n_embd=2 * head_size, n_head=2)
     if storage == "bfloat16":
         model = model.to(torch.bfloat16)
     prepare_model(model, quantize="int8" if storage == "int8" else None)
@@ -476,7 +477,8 @@ def test_avx2_build_on_an_avx512_machine_computes_alike(avx2_build, kind, monkey
         torch.testing.assert_close(avx2, native, atol=1e-4, rtol=1e-5)
     for rows, shape in ((1, (1001, 768)), (3, (7, 13)), (9, (10, 8)), (41, (33, 40))):
         test_kernel_equals_matmul(rows, shape, kind)
-    test_fused_step_equals_the_torch_step("alternating", kind)
+    for head_size in (16, 64):
+        test_fused_step_equals_the_torch_step("alternating", kind, head_size)
 
 
 def test_kernel_isa_must_be_known(monkeypatch):
