@@ -4,10 +4,10 @@ Each step every live row gets up to K draft tokens, from a smaller draft model w
 (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023,
 "Accelerating Large Language Model Decoding with Speculative Sampling") or by prompt lookup: the
 continuation of an earlier occurrence of the row's last n-gram (transformers' `prompt_lookup_num_tokens`,
-vLLM's ngram drafter; a row drafts up to K, 2 more after a draft kept whole and 1 fewer after a cut one,
-transformers' heuristic schedule). The target then computes the K + 1 positions of every row in one engine forward
-and keeps the longest acceptable prefix of the draft plus one token of its own, so a step yields 1 to
-K + 1 tokens. Rejected tokens are cut from the paged cache (`InferenceEngine.truncate`).
+vLLM's ngram drafter; a row drafts up to K, 2 more after a draft kept whole and 1 fewer after a cut
+one, transformers' heuristic schedule). The target then computes the K + 1 positions of every row in
+one engine forward and keeps the longest acceptable prefix of the draft plus one token of its own, so a
+step yields 1 to K + 1 tokens. Rejected tokens are cut from the paged cache (`InferenceEngine.truncate`).
 
 Acceptance keeps the target's distribution exactly: with p and q the processed (penalties, temperature,
 top-k / top-p / min-p) distributions of target and drafter, a draft token x is accepted with probability
