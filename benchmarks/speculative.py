@@ -7,15 +7,17 @@ sizes, for how long, and the commands):
   target, drafted by the small model (`--target`, `--draft`);
 * lookup: "the same code again, one name changed": a function, a blank line, then the function's first
   line with one name renamed; the continuation repeats spans of the prompt, which prompt lookup drafts
-  (no draft model).
+  (no draft model; up to K tokens a step, 2 more after a draft kept whole, 1 fewer after a cut one).
 
 For every K the table gives tokens/s without and with speculation (medians of `--runs` rounds; each
 round times plain and speculative decoding of every prompt back to back, so a noisy neighbour hits
 both), the measured acceptance rate a (accepted / drafted tokens), the speed-up that rate predicts,
 (1 - a^(K+1)) / ((1 - a)(1 + cK)) with c the draft model's step cost over the target's (measured
 here; 0 for prompt lookup), and the measured speed-up; beside them, what one forward over K + 1
-positions costs against one over a single position (the formula counts it 1). Greedy output is
-checked to equal plain decoding's token for token.
+positions costs against one over a single position (the formula counts it 1). "measured" times whole
+generations, the prompt's forward included; "decoding" times what follows it (the tokens after the first,
+as llama.cpp's eval rate and vLLM's time per output token count), the part speculation speeds up.
+Greedy output is checked to equal plain decoding's token for token.
 
     python benchmarks/speculative.py --target runs/target --draft runs/draft
     python benchmarks/speculative.py --target T --draft D --ks 2 4 --runs 1 --new-tokens 32   # quick
@@ -95,22 +97,41 @@ def lookup_prompts() -> list[str]:
 
 
 def decode(model, ids: list[int], new: int, speculation=None):
-    """Greedy tokens and seconds for one prompt at batch 1 (an engine of its own each time)."""
+    """Greedy tokens, seconds, and the engine's speculation counters for one prompt at batch 1 (an
+    engine of its own each time); the seconds are the whole generation's and, as `.decoding`, those
+    after the prompt's forward (which gives the first token): the decoding that speculation speeds up."""
     from gptlab.infer.engine import InferenceEngine
     from gptlab.infer.generate import generate_ids
 
     engine = InferenceEngine(model, kv_cache_tokens=len(ids) + new + 64)
+    forward, prefilled = engine.forward, []
+
+    def timed_forward(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        prefilled.append(prefilled[0] if prefilled else time.perf_counter())
+        return logits
+
+    engine.forward = timed_forward
     start = time.perf_counter()
     out = generate_ids(model, [ids], max_new_tokens=new, temperature=0, engine=engine, speculative=speculation)[0]
-    seconds = time.perf_counter() - start
-    return out, seconds, engine.speculation
+    end = time.perf_counter()
+    return out, Seconds(end - start, end - prefilled[0]), engine.speculation
+
+
+class Seconds(float):
+    """A generation's seconds, with `.decoding`: those after the prompt's forward."""
+
+    def __new__(cls, total: float, decoding: float) -> Seconds:
+        self = super().__new__(cls, total)
+        self.decoding = decoding
+        return self
 
 
 def step_seconds(model, ids: list[int], new: int) -> float:
     """Seconds per decoding step at batch 1 (plain greedy decoding of `new` tokens)."""
     _, seconds, _ = decode(model, ids, new)
     _, again, _ = decode(model, ids, new)
-    return min(seconds, again) / new
+    return min(seconds.decoding, again.decoding) / (new - 1)
 
 
 def verify_cost(model, ids: list[int], k: int, repeats: int = 30) -> float:
@@ -143,30 +164,41 @@ def run_workload(name, target, prompts, new, ks, runs, make_spec, c):
         spec = make_spec(k)
         decode(target, prompts[0], 8, spec)
         plain_rates, spec_rates = [], []
-        totals = [dict(drafted=0, accepted=0, steps=0, tokens=0, plain=[], spec=[]) for _ in prompts]
+        totals = [dict(drafted=0, accepted=0, steps=0, tokens=0, plain=[], spec=[], plain_decoding=[],
+                       spec_decoding=[]) for _ in prompts]  # fmt: skip
+        decoding_gains = []
         for _ in range(runs):
-            plain_tokens = plain_time = spec_tokens = spec_time = 0.0
+            plain_tokens = plain_time = spec_tokens = spec_time = plain_decoding = spec_decoding = 0.0
             for ids, t in zip(prompts, totals):
                 want, seconds, _ = decode(target, ids, new)
                 plain_tokens, plain_time = plain_tokens + len(want), plain_time + seconds
+                plain_decoding += seconds.decoding
                 t["plain"].append(len(want) / seconds)
+                t["plain_decoding"].append((len(want) - 1) / seconds.decoding)
                 got, seconds, stats = decode(target, ids, new, spec)
                 if got != want:
                     raise SystemExit(f"{name} K={k}: speculative greedy output differs from plain decoding")
                 spec_tokens, spec_time = spec_tokens + len(got), spec_time + seconds
+                spec_decoding += seconds.decoding
                 t["spec"].append(len(got) / seconds)
+                t["spec_decoding"].append((len(got) - 1) / seconds.decoding)
                 for key in ("drafted", "accepted", "steps", "tokens"):
                     t[key] += getattr(stats, key)
             plain_rates.append(plain_tokens / plain_time)
             spec_rates.append(spec_tokens / spec_time)
+            # the same tokens after the first, each way: the ratio of the decoding seconds
+            decoding_gains.append(plain_decoding / spec_decoding)
         rows.append(_row(name, k, c, statistics.median(plain_rates), statistics.median(spec_rates), totals))
+        rows[-1]["measured_decoding"] = statistics.median(decoding_gains)
         rows[-1]["verify_cost"] = verify_cost(target, prompts[0], k)
         for i, t in enumerate(totals):
             plain, fast = statistics.median(t["plain"]), statistics.median(t["spec"])
-            per_prompt.append({**_row(name, k, c, plain, fast, [t]), "prompt": i})
+            gain = statistics.median(t["spec_decoding"]) / statistics.median(t["plain_decoding"])
+            per_prompt.append({**_row(name, k, c, plain, fast, [t]), "prompt": i, "measured_decoding": gain})
         r = rows[-1]
         print(f"  {name} K={k}: {r['plain']:.1f} -> {r['speculative']:.1f} tok/s, a={r['acceptance']:.2f}, "
-              f"predicted {r['predicted']:.2f}x, measured {r['measured']:.2f}x", flush=True)  # fmt: skip
+              f"predicted {r['predicted']:.2f}x, measured {r['measured']:.2f}x "
+              f"(decoding {r['measured_decoding']:.2f}x)", flush=True)  # fmt: skip
     return rows, per_prompt
 
 
@@ -184,13 +216,14 @@ def print_table(rows: list[dict], first: str) -> None:
     verify = all("verify_cost" in r for r in rows)
     extra = " verify / step |" if verify else ""
     head = f"| {first} | K | plain tok/s | speculative tok/s | acceptance | tokens / step |"
-    print(f"{head}{extra} predicted | measured |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if verify else ""))
+    print(f"{head}{extra} predicted | measured | decoding |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if verify else ""))
     for r in rows:
         label = r["workload"] if first == "workload" else f"{r['workload']} #{r['prompt']}"
         cost = f" {r['verify_cost']:.2f} |" if verify else ""
         print(f"| {label} | {r['k']} | {r['plain']:.1f} | {r['speculative']:.1f} | {r['acceptance']:.2f} | "
-              f"{r['tokens_per_step']:.2f} |{cost} {r['predicted']:.2f}x | {r['measured']:.2f}x |")  # fmt: skip
+              f"{r['tokens_per_step']:.2f} |{cost} {r['predicted']:.2f}x | {r['measured']:.2f}x | "
+              f"{r['measured_decoding']:.2f}x |")  # fmt: skip
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, scale=None, bias=None) -> t
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 16, 41])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 16, 41])
 @pytest.mark.parametrize("shape", [(7, 13), (10, 8), (40, 70), (1001, 768)])  # (40, 70): AMX blocks, K % 32
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 def test_kernel_equals_matmul(rows, shape, kind):
@@ -47,6 +47,20 @@ def test_kernel_equals_matmul(rows, shape, kind):
         torch.testing.assert_close(got, want, atol=4e-5 * K**0.5, rtol=1e-5)
     no_bias = cpu_kernels.linear(x, w, scale)
     torch.testing.assert_close(no_bias + bias, got, atol=1e-5 * want.abs().max().item(), rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_kernel_row_has_the_same_bits_beside_any_number_of_rows(kind):
+    # A speculative step verifies K + 1 positions as rows of one call; its greedy output is the plain
+    # step's only if each row's logits do not depend on the rows beside it (float32 tiles of 1 to 8
+    # rows, int8 rows quantised one by one). bfloat16 products of 2+ rows run on AMX where it exists.
+    torch.manual_seed(0)
+    x, w = torch.randn(17, 333), torch.randn(101, 333)
+    w, scale = quantize_weight(w) if kind == "int8" else (w, None)
+    alone = torch.cat([cpu_kernels.linear(x[i : i + 1], w, scale) for i in range(17)])
+    for rows in range(2, 18):
+        assert torch.equal(cpu_kernels.linear(x[:rows], w, scale), alone[:rows]), rows
 
 
 @needs_kernels
@@ -205,8 +219,9 @@ def run_both_steps(model, prompts, steps):
 @needs_kernels
 @pytest.mark.parametrize("pattern", ["dense", "alternating"])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
-def test_fused_step_equals_the_torch_step(pattern, storage):
-    model = peaked_model(attn_pattern=pattern, local_window=3, n_layer=3)
+@pytest.mark.parametrize("head_size", [16, 64])  # 64: the value sums in registers (weigh_values64)
+def test_fused_step_equals_the_torch_step(pattern, storage, head_size):
+    model = peaked_model(attn_pattern=pattern, local_window=3, n_layer=3, n_embd=2 * head_size, n_head=2)
     if storage == "bfloat16":
         model = model.to(torch.bfloat16)
     prepare_model(model, quantize="int8" if storage == "int8" else None)
@@ -462,7 +477,8 @@ def test_avx2_build_on_an_avx512_machine_computes_alike(avx2_build, kind, monkey
         torch.testing.assert_close(avx2, native, atol=1e-4, rtol=1e-5)
     for rows, shape in ((1, (1001, 768)), (3, (7, 13)), (9, (10, 8)), (41, (33, 40))):
         test_kernel_equals_matmul(rows, shape, kind)
-    test_fused_step_equals_the_torch_step("alternating", kind)
+    for head_size in (16, 64):
+        test_fused_step_equals_the_torch_step("alternating", kind, head_size)
 
 
 def test_kernel_isa_must_be_known(monkeypatch):

@@ -21,7 +21,7 @@ from gptlab.infer import speculative as speculative_module
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.generate import generate, generate_ids, stream
 from gptlab.infer.sampling import SamplingParams, process_logits
-from gptlab.infer.speculative import Speculation, lookup
+from gptlab.infer.speculative import Speculation, lookup, next_draft_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +132,33 @@ def test_truncating_a_shared_block_copies_it_before_writing():
     engine.free(parent)
     engine.pool.check()
     assert engine.pool.in_use == 0
+
+
+def test_prompt_lookup_drafts_fewer_tokens_after_misses_and_more_after_hits(monkeypatch):
+    # transformers' heuristic schedule for num_assistant_tokens: +2 after a draft kept whole, -1 after a cut
+    assert [next_draft_length(k, True, 5) for k in (1, 3, 4, 5)] == [3, 5, 5, 5]
+    assert [next_draft_length(k, False, 5) for k in (1, 2, 5)] == [1, 1, 4]
+    target, prompt = peaked_model(), PROMPTS[0]
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    want = generate_ids(target, [prompt], params)[0]
+    for wrong in (True, False):  # a lookup that proposes the target's next tokens, or each one changed
+
+        def oracle(tokens, n, k):
+            done = len(tokens) - len(prompt)
+            return [(t + wrong) % 101 for t in want[done : done + k]]
+
+        monkeypatch.setattr(speculative_module, "lookup", oracle)
+        sizes = []
+        engine = InferenceEngine(target, kv_cache_tokens=1024)
+        forward = engine.forward
+        monkeypatch.setattr(engine, "forward", lambda seqs, n=None: sizes.append(n) or forward(seqs, n))
+        spec = Speculation(prompt_lookup=2, num_tokens=4)
+        assert generate_ids(target, [prompt], params, engine=engine, speculative=spec)[0] == want
+        drafted = [n[0] - 1 for n in sizes if n is not None]
+        if wrong:  # 4, 3, 2, then 1 token a step (none when one token is left)
+            assert drafted == [4, 3, 2] + [1] * 25 + [0], drafted
+        else:  # K every step, all kept: 5 tokens a step after the prefill's one (4 left: 3 drafted)
+            assert drafted == [4, 4, 4, 4, 4, 3], drafted
 
 
 # ---- greedy: the target's own tokens -------------------------------------------------------------------

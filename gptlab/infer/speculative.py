@@ -4,9 +4,10 @@ Each step every live row gets up to K draft tokens, from a smaller draft model w
 (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023,
 "Accelerating Large Language Model Decoding with Speculative Sampling") or by prompt lookup: the
 continuation of an earlier occurrence of the row's last n-gram (transformers' `prompt_lookup_num_tokens`,
-vLLM's ngram drafter). The target then computes the K + 1 positions of every row in one engine forward
-and keeps the longest acceptable prefix of the draft plus one token of its own, so a step yields 1 to
-K + 1 tokens. Rejected tokens are cut from the paged cache (`InferenceEngine.truncate`).
+vLLM's ngram drafter; a row drafts up to K, 2 more after a draft kept whole and 1 fewer after a cut
+one, transformers' heuristic schedule). The target then computes the K + 1 positions of every row in
+one engine forward and keeps the longest acceptable prefix of the draft plus one token of its own, so a
+step yields 1 to K + 1 tokens. Rejected tokens are cut from the paged cache (`InferenceEngine.truncate`).
 
 Acceptance keeps the target's distribution exactly: with p and q the processed (penalties, temperature,
 top-k / top-p / min-p) distributions of target and drafter, a draft token x is accepted with probability
@@ -75,6 +76,14 @@ def acceptance(p: Tensor, q: Tensor) -> Tensor:
     return (p / q).clamp(max=1.0)
 
 
+def next_draft_length(current: int, kept_all: bool, most: int) -> int:
+    """Prompt lookup's next draft length, as transformers' heuristic schedule sets its assistant's: 2
+    more (up to `most`, K) after a draft the target kept whole, 1 fewer (down to 1) after one it cut.
+    A lookup draft is either the text the target is copying or a guess it rejects at once; drafting
+    fewer after a miss saves verifying positions (each costs ~0.1-0.2 of a step at 5+ positions)."""
+    return min(current + 2, most) if kept_all else max(current - 1, 1)
+
+
 def lookup(tokens: Sequence[int], n: int, k: int) -> list[int]:
     """Up to `k` tokens that followed the first earlier occurrence of `tokens`' last m-gram, trying
     m = n down to 1 (transformers' prompt lookup); [] when none occurs."""
@@ -105,6 +114,7 @@ class Speculator:
         self.engine, self.spec = engine, speculation.validate(engine.model)
         self.draft_engine: InferenceEngine | None = None
         self.drafts: dict[Row, CacheSequence] = {}
+        self.lookup_tokens: dict[Row, int] = {}  # each row's current prompt-lookup draft length
         if speculation.draft is not None:
             if cache_tokens is None:  # every row's prompt and tokens, plus what copy-on-write and truncation take
                 cache_tokens = sum(len(r.prompt) + r.params.max_new_tokens + 3 * BLOCK_SIZE for r in rows)
@@ -118,6 +128,7 @@ class Speculator:
 
     def release(self, row: Row) -> None:
         """Give back the draft sequence of a row that finished."""
+        self.lookup_tokens.pop(row, None)
         seq = self.drafts.pop(row, None)
         if seq is not None and self.draft_engine is not None:
             self.draft_engine.free(seq)
@@ -125,6 +136,7 @@ class Speculator:
     def close(self) -> None:
         for row in list(self.drafts):
             self.release(row)
+        self.lookup_tokens.clear()
 
     # ---- one step ----------------------------------------------------------------------------
     def step(self, rows: Sequence[Row], eos_id: int | None) -> None:
@@ -132,8 +144,7 @@ class Speculator:
         n_ctx = self.engine.model.config.n_ctx
         # a step records up to K + 1 tokens: one fewer drafts than the row may still take
         budget = [
-            min(self.spec.num_tokens + 1, r.params.max_new_tokens - len(r.ids), n_ctx - len(r.seq.tokens)) - 1
-            for r in rows
+            min(self._most(r) + 1, r.params.max_new_tokens - len(r.ids), n_ctx - len(r.seq.tokens)) - 1 for r in rows
         ]
         drafts, q_logits, masks = self._draft(rows, [max(b, 0) for b in budget], eos_id)
         base = [len(r.seq.tokens) for r in rows]
@@ -158,6 +169,9 @@ class Speculator:
             stats.drafted += len(d)
             stats.accepted += len(tokens) - (not failed)
             offset += len(d) + 1
+            if self.spec.prompt_lookup and d:
+                kept_all = len(tokens) - (not failed) == len(d)
+                self.lookup_tokens[row] = next_draft_length(self._most(row), kept_all, self.spec.num_tokens)
         want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         lps: list[tuple | None] = [None] * len(rows)
         if want:
@@ -186,6 +200,10 @@ class Speculator:
             except Exception as e:  # one row's bookkeeping (a tokenizer error, say) ends that row alone
                 log.exception("row bookkeeping failed")
                 row.fail(f"{type(e).__name__}: {e}")
+
+    def _most(self, row: Row) -> int:
+        """Tokens the row may draft this step: K, or for prompt lookup its current length."""
+        return self.lookup_tokens.get(row, self.spec.num_tokens) if self.spec.prompt_lookup else self.spec.num_tokens
 
     def _accept(
         self,

@@ -36,11 +36,15 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Float tiles use AVX2's 8-float vectors, also on AVX-512 machines, where 16-wide float tiles decoded
- * float32 GPT-2 124M slower at batch 1 (19.6 vs 17.3 ms a token on the Xeon) and no faster at batch 8;
- * there AVX-512 serves the int8 products (16 int32 lanes, VNNI) and bfloat16 ones (BF16, AMX), and its
- * 32 registers take tiles of 4 weight rows at any batch size. `-mno-avx512f` builds the AVX2 code on an
- * AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
+/* Float tiles use AVX2's 8-float vectors, or on AVX-512 machines 16-float ones. Float32 products of
+ * 2+ activation rows are bound by multiply-adds rather than memory there: with AVX2's 8-float
+ * vectors and 16 registers (4 activation rows per tile), 8 rows cost 2x one row's time (27M-parameter
+ * model's shapes, Xeon); 16-float vectors in AVX-512's 32 registers take 8 activation rows against 3
+ * weight rows at once and cost 1.3x. The same tiles serve one row, so a row's outputs have the same
+ * bits whatever the number of rows beside it (a speculative step's K + 1 positions are the plain
+ * step's). AVX-512 also serves the int8 products (16 int32 lanes, VNNI) and bfloat16 ones (BF16, AMX),
+ * and its 32 registers take tiles of 4 weight rows at any batch size. `-mno-avx512f` builds the AVX2
+ * code on an AVX-512 machine (GPTLAB_KERNEL_ISA=avx2), so both are tested wherever AVX-512 is. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define GL_AVX512 1
 #else
@@ -48,34 +52,55 @@ static inline float hsum(__m256 v) {
 #endif
 #define VW 8 /* floats per vector */
 
+/* Float32 vectors: FW floats; tiles of up to MBF_MAX activation rows against up to RF weight rows. */
+#if GL_AVX512
+#define FW 16
+#define MBF_MAX 8
+#define RF 3 /* 8 x 3 accumulators and 3 weights: 27 of 32 registers */
+typedef __m512 vfloat;
+static inline vfloat fzero(void) { return _mm512_setzero_ps(); }
+static inline vfloat fload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vfloat ffma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float fsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+#else
+#define FW 8
+#define MBF_MAX MB_MAX
+#define RF 4 /* at 1 activation row (range_f32) */
+typedef __m256 vfloat;
+static inline vfloat fzero(void) { return _mm256_setzero_ps(); }
+static inline vfloat fload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vfloat ffma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float fsum(vfloat v) { return hsum(v); }
+#endif
+
 /* One tile: MB activation rows (m0..) against R float32 weight rows (n0..). MB and R are compile-time
  * constants at every call site, so the accumulators live in registers (MB * R <= 8 of AVX2's 16,
- * <= 16 of AVX-512's 32). */
+ * <= 24 of AVX-512's 32). */
 static inline __attribute__((always_inline)) void tile_f32(const void *xv, const float *xs, int64_t K,
                                                            const char *W, int64_t n0, int64_t N,
                                                            const float *scale, const float *bias, float *y,
                                                            int64_t m0, int MB, int R) {
     const float *x = (const float *)xv; /* float activations: no per-row scale */
     (void)xs;
-    __m256 acc[MB_MAX][4];
-    const float *rows[4];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+    vfloat acc[MBF_MAX][RF];
+    const float *rows[RF];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
         rows[r] = (const float *)W + (n0 + r) * K;
-        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) acc[m][r] = _mm256_setzero_ps();
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) acc[m][r] = fzero();
     }
     int64_t k = 0;
-    for (; k + VW <= K; k += VW) {
-        __m256 w[4];
-        prefetch_ahead((const char *)rows[0] + R * 4 * k, (R * 4 * VW + 63) / 64);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) w[r] = _mm256_loadu_ps(rows[r] + k);
-        _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
-            __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+    for (; k + FW <= K; k += FW) {
+        vfloat w[RF];
+        prefetch_ahead((const char *)rows[0] + R * 4 * k, (R * 4 * FW + 63) / 64);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) w[r] = fload(rows[r] + k);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {
+            vfloat xv = fload(x + (m0 + m) * K + k);
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[m][r] = ffma(xv, w[r], acc[m][r]);
         }
     }
-    _Pragma("GCC unroll 4") for (int m = 0; m < MB; m++) {
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            float s = hsum(acc[m][r]);
+    _Pragma("GCC unroll 8") for (int m = 0; m < MB; m++) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            float s = fsum(acc[m][r]);
             for (int64_t j = k; j < K; j++) s += x[(m0 + m) * K + j] * rows[r][j];
             int64_t n = n0 + r;
             if (scale) s *= scale[n];
@@ -259,9 +284,33 @@ static inline __attribute__((always_inline)) void tile_bf16(const void *xv, cons
         for (; n < n1; n++) TILES_OF_ROWS(T, n, 1);                                                     \
     }
 
-/* float32: 4-row tiles at 1 activation row only, also on AVX-512 (with them at any row count, batch-1
- * float32 steps were 6% slower there, 17.3 vs 16.3 ms, and batch 8 no faster) */
-DEFINE_RANGE(f32, 0)
+#if GL_AVX512
+/* Every activation row against weight rows [n0, n1), RF at a time, in groups of 8 activation rows. */
+static void range_f32(const void *x, const float *xs, int64_t M, int64_t K, const char *W, int64_t n0,
+                      int64_t n1, int64_t N, const float *scale, const float *bias, float *y) {
+#define F32_TILES(R)                                                                                    \
+    do {                                                                                                \
+        int64_t m = 0;                                                                                  \
+        for (; m + MBF_MAX <= M; m += MBF_MAX) tile_f32(x, xs, K, W, n, N, scale, bias, y, m, MBF_MAX, R); \
+        switch (M - m) {                                                                                \
+        case 7: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 7, R); break;                            \
+        case 6: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 6, R); break;                            \
+        case 5: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 5, R); break;                            \
+        case 4: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 4, R); break;                            \
+        case 3: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 3, R); break;                            \
+        case 2: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 2, R); break;                            \
+        case 1: tile_f32(x, xs, K, W, n, N, scale, bias, y, m, 1, R); break;                            \
+        }                                                                                               \
+    } while (0)
+    int64_t n = n0;
+    for (; n + RF <= n1; n += RF) F32_TILES(RF);
+    for (; n + 2 <= n1; n += 2) F32_TILES(2);
+    for (; n < n1; n++) F32_TILES(1);
+#undef F32_TILES
+}
+#else
+DEFINE_RANGE(f32, 0) /* AVX2's 16 registers: 4-weight-row tiles at 1 activation row only */
+#endif
 DEFINE_RANGE(bf16, GL_AVX512)
 
 /* AMX (Sapphire Rapids and later): one tdpbf16ps multiplies a 16 x 32 block of bfloat16 weights by
