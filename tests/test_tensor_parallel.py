@@ -89,16 +89,22 @@ def test_tp2_matches_one_process_and_whole_checkpoints_cross_layouts(tmp_path: P
 
     pretrain(cfg("single"))
     pretrain(cfg("banded", **BANDED))
+    pretrain(cfg("muon", **{"optim.name": "muon"}))
     run_jobs(
         2,
         [
             (cfg("tp2", 2), None),
+            (cfg("tp2-muon", 2, **{"optim.name": "muon"}), None),
             (cfg("tp2-sp-banded", 2, **BANDED, **{"train.sequence_parallel": True}), None),
             (cfg("single-on-tp2", 2), resume_copy(tmp_path / "single", 2, tmp_path / "single-on-tp2")),
         ],
     )
     assert_matches_single(tmp_path / "single", tmp_path / "tp2")
     assert_matches_single(tmp_path / "banded", tmp_path / "tp2-sp-banded")
+    # Muon orthogonalises whole matrices (DTensor gathers the shards); its bf16 Newton-Schulz steps round
+    # differently on shards, hence the looser bound.
+    for a, b in zip(rows(tmp_path / "muon"), rows(tmp_path / "tp2-muon"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
     assert_same_losses(tmp_path / "single", tmp_path / "single-on-tp2", range(3, STEPS + 1))
     pretrain(cfg("tp2-on-one"), resume=resume_copy(tmp_path / "tp2", 2, tmp_path / "tp2-on-one"))
     assert_same_losses(tmp_path / "tp2", tmp_path / "tp2-on-one", range(3, STEPS + 1))
