@@ -239,6 +239,11 @@ def encode_sft(
     return out
 
 
+def target_tokens(batch: dict[str, Tensor]) -> int:
+    """The tokens a batch is scored on: its targets that are not IGNORE_INDEX (prompt, padding)."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
 def pad_right(seqs: Sequence[Sequence[int]], value: int) -> Tensor:
     """(B, T) long tensor of `seqs`, right-padded with `value` to the longest."""
     T = max(len(s) for s in seqs)

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.finetune.data import IGNORE_INDEX, SFTExample, TokenizerLike, encode_sft, pad_right, read_jsonl
+from gptlab.finetune.data import (
+    IGNORE_INDEX,
+    SFTExample,
+    TokenizerLike,
+    encode_sft,
+    pad_right,
+    read_jsonl,
+    target_tokens,
+)
 from gptlab.finetune.tasks import ExamplesTask
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -165,7 +173,7 @@ class DPOTask(ExamplesTask):
         return self.scores(model, batch)[0].mean()
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
-        return int((batch["targets"] != IGNORE_INDEX).sum())
+        return target_tokens(batch)
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:

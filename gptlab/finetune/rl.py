@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.finetune.data import IGNORE_INDEX, pad_right, read_jsonl
+from gptlab.finetune.data import IGNORE_INDEX, pad_right, read_jsonl, target_tokens
 from gptlab.finetune.rewards import Reward, load_reward, score
 from gptlab.finetune.tasks import ExamplesTask
 
@@ -232,8 +232,7 @@ class RLTask(ExamplesTask):
                 batch["ref_logps"] = token_log_probs(
                     self.reference, batch["idx"].to(device), batch["targets"].to(device)
                 ).cpu()
-        completion_tokens = int((batch["targets"] != IGNORE_INDEX).sum())
-        self._stats += torch.tensor([float(rewards.sum()), len(completions), completion_tokens], dtype=torch.float64)
+        self._stats += torch.tensor([float(rewards.sum()), len(completions), target_tokens(batch)], dtype=torch.float64)
         return batch
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -241,7 +240,7 @@ class RLTask(ExamplesTask):
         return policy_loss(logps, batch["targets"], batch["advantages"], self.cfg, batch.get("ref_logps"))
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
-        return int((batch["targets"] != IGNORE_INDEX).sum())
+        return target_tokens(batch)
 
     def validation_batches(self) -> list[Any]:
         return []  # validation generates: see validate

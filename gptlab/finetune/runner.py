@@ -108,8 +108,10 @@ class FinetuneConfig:
                 raise ValueError("--task rl reads its prompts from --prompts FILE.jsonl, not --train")
         elif self.train_file is None:
             raise ValueError(f"--task {self.task} needs a training file: pass --train FILE.jsonl")
-        if self.dpo_loss not in ("sigmoid", "ipo"):
-            raise ValueError(f"unknown DPO loss {self.dpo_loss!r}; choose 'sigmoid' or 'ipo'")
+        from gptlab.finetune.dpo import LOSS_TYPES
+
+        if self.dpo_loss not in LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss {self.dpo_loss!r}; choose one of {list(LOSS_TYPES)}")
         if not self.beta > 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
         if self.epochs is not None and not self.epochs > 0:

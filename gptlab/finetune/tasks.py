@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptlab.finetune.data import classification_batch, sft_batch
+from gptlab.finetune.data import classification_batch, sft_batch, target_tokens
 from gptlab.finetune.metrics import classification_metrics
 
 BEST_WEIGHTS = "best.safetensors"
@@ -134,4 +134,4 @@ class SFTTask(ExamplesTask):
         return loss
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
-        return int((batch["targets"] != -1).sum())
+        return target_tokens(batch)
