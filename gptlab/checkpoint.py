@@ -84,7 +84,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def _has_weights(directory: Path) -> bool:
-    return (directory / WEIGHTS_FILE).is_file() or (directory / SHARDED_DIR / ".metadata").is_file()
+    return (directory / WEIGHTS_FILE).is_file() or is_sharded(directory)
+
+
+def is_sharded(directory: str | Path) -> bool:
+    """Whether `directory` is a complete sharded (DCP) training checkpoint: DCP writes `.metadata` last."""
+    return (Path(directory) / SHARDED_DIR / ".metadata").is_file()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -167,7 +172,7 @@ def _load_gptlab(directory: Path, config: dict[str, Any]) -> GPT:
     mc = model_config_of(config, directory / CONFIG_FILE)
     with torch.device("meta"):
         model = GPT(mc)
-    if not (directory / WEIGHTS_FILE).is_file() and (directory / SHARDED_DIR).is_dir():
+    if not (directory / WEIGHTS_FILE).is_file() and is_sharded(directory):
         # A sharded training checkpoint: read whole in this process (`gptlab convert --from-dcp` writes
         # the single file once, for repeated loads of a large model).
         state = read_sharded_full(directory)[0]
@@ -221,27 +226,23 @@ def read_sharded_full(directory: Path) -> tuple[dict[str, torch.Tensor], dict[st
         state = torch.load(file, map_location="cpu", weights_only=True)
     model_sd, optim_sd = state["model"], state.get("optim")
     for sd in (model_sd, optim_sd or {}):
-        sharded_storage_form(sd, to_storage=False)
+        sharded_storage_form(sd)
     return model_sd, optim_sd
 
 
-def sharded_storage_form(state: dict[str, Any], to_storage: bool) -> None:
-    """Whole model / optimizer state dicts between the single-file form ((3C, C_in) c_attn weights) and
-    the sharded checkpoints' form ((3, C, C_in): each rank's shard is one box whatever the parallel
-    layout, see gptlab.train.tensor_parallel), in place."""
+def sharded_storage_form(state: dict[str, Any]) -> None:
+    """A whole model / optimizer state dict read from a sharded checkpoint, in place, back in the
+    single-file form: c_attn weights (3, C, C_in) -> (3C, C_in) (the sharded form, in which each rank's
+    shard is one box whatever the parallel layout, is `gptlab.train.tensor_parallel.to_storage`'s)."""
 
-    def shape(t: torch.Tensor) -> torch.Tensor:
-        if to_storage and t.dim() == 2:
-            return t.reshape(3, t.shape[0] // 3, t.shape[1])
-        if not to_storage and t.dim() == 3:
-            return t.reshape(-1, t.shape[2])
-        return t
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[2]) if t.dim() == 3 else t
 
     for key in state:
         if key.endswith("attn.c_attn.weight"):
-            state[key] = shape(state[key])
+            state[key] = whole(state[key])
     for key, slots in state.get("state", {}).items():
         if key.endswith("attn.c_attn.weight"):
             for name, value in slots.items():
                 if isinstance(value, torch.Tensor):
-                    slots[name] = shape(value)
+                    slots[name] = whole(value)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from gptlab.checkpoint import is_sharded
 from gptlab.train import distributed as D
 from gptlab.train import tensor_parallel as TP
 from gptlab.train.config import TrainConfig
@@ -31,7 +32,7 @@ from gptlab.train.evaluate import autocast, evaluate, resolve_dtype
 from gptlab.train.metrics import MetricsLogger, Throughput, peak_flops, progress_postfix
 from gptlab.train.optim import build_optimizer, set_lr
 from gptlab.train.schedule import batch_size_at, lr_at
-from gptlab.train.sharded import ShardedCheckpointer, is_sharded, load_sharded
+from gptlab.train.sharded import ShardedCheckpointer, load_sharded
 from gptlab.train.state import (
     LoadedCheckpoint,
     TrainState,

@@ -161,8 +161,7 @@ class Throughput:
     """Tokens per second of training since the last reading, pauses (evaluation, checkpoints) left out."""
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.mark, self.tokens = self.start, 0
+        self.mark, self.tokens = time.perf_counter(), 0
 
     def rate(self) -> float:
         now = time.perf_counter()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptlab.checkpoint import SHARDED_DIR, atomic_dir, read_sharded_full, sharded_storage_form
+from gptlab.checkpoint import SHARDED_DIR, atomic_dir, read_sharded_full
 from gptlab.config import ModelConfig
 from gptlab.files import replace_dir
 from gptlab.train import distributed as D
@@ -34,10 +34,6 @@ from gptlab.train.state import read_checkpoint, write_checkpoint, write_state_fi
 
 # DCP warns that it "assumes the intent" of a one-process save or load, which is what no_dist says.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def is_sharded(directory: Path) -> bool:
-    return (Path(directory) / SHARDED_DIR / ".metadata").is_file()
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -51,9 +47,9 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return state
 
 
-def _stored_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """`state` as DCP stores it, the same for every layout (c_attn in GPT-2's order, see TP.to_storage)."""
-    layout = TP.qkv_layout(model)
+def _stored_state(state: dict[str, Any], layout: tuple[int, int]) -> dict[str, Any]:
+    """`state` as DCP stores it, the same for every layout (c_attn in GPT-2's order, see TP.to_storage);
+    `layout`: the model's (n_embd, tensor-parallel size), `TP.qkv_layout`."""
     return {part: TP.to_storage(sd, *layout) for part, sd in state.items()}
 
 
@@ -63,10 +59,9 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    live = _state(model, optimizer)
-    state = _stored_state(model, live)
+    live, layout = _state(model, optimizer), TP.qkv_layout(model)
+    state = _stored_state(live, layout)
     dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR), no_dist=not dist.is_initialized())
-    layout = TP.qkv_layout(model)
     state = {part: TP.from_storage(sd, live[part], *layout) for part, sd in state.items()}
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
@@ -102,7 +97,7 @@ class ShardedCheckpointer:
             tmp.mkdir(parents=True)
             write_main_files(tmp)
         D.barrier(self.d)
-        state = _stored_state(model, _state(model, optimizer))
+        state = _stored_state(_state(model, optimizer), TP.qkv_layout(model))
         target = str(tmp / SHARDED_DIR)
         if self.async_save:
             if self.d.enabled and self._group is None:
@@ -172,8 +167,7 @@ def single_to_sharded(src: str | Path, out: str | Path, overwrite: bool = False)
     state: dict[str, Any] = {"model": loaded.model_sd}
     if loaded.optim_sd is not None:
         state["optim"] = loaded.optim_sd
-    for sd in state.values():
-        sharded_storage_form(sd, to_storage=True)
+    state = _stored_state(state, (model_config.n_embd, 1))
     with atomic_dir(out) as tmp:
         write_state_files(tmp, model_config, None, None, loaded.state, loaded.rng, tokenizer, extra)
         dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=True)

@@ -32,6 +32,7 @@ from gptlab.checkpoint import (
     WEIGHTS_FILE,
     atomic_dir,
     check_finite,
+    is_sharded,
     list_checkpoints,
     model_config_of,
     read_config,
@@ -221,7 +222,7 @@ def read_checkpoint(directory: Path) -> LoadedCheckpoint:
     model_config_of(read_config(directory), directory / CONFIG_FILE)
     tensors = read_safetensors(directory / STATE_TENSORS)
     sharded = bool(meta.get("sharded"))
-    if sharded and not (directory / SHARDED_DIR / ".metadata").is_file():
+    if sharded and not is_sharded(directory):
         raise ValueError(f"{directory / SHARDED_DIR} has no .metadata: the sharded checkpoint is incomplete")
     model_sd = None if sharded else read_safetensors(directory / WEIGHTS_FILE)
     if model_sd is not None:

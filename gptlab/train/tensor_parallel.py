@@ -31,8 +31,6 @@ QKV_BIAS = "attn.c_attn.bias"
 def setup_mesh(d: Any, tensor_parallel: int) -> None:
     """Give `d` (a gptlab.train.distributed.Dist) its ("dp", "tp") DeviceMesh for `tensor_parallel` > 1
     (none for 1: plain data parallelism)."""
-    if tensor_parallel < 1:
-        raise ValueError(f"train.tensor_parallel must be >= 1, got {tensor_parallel}")
     d.tensor_parallel, d.mesh = 1, None
     if tensor_parallel == 1:
         return
@@ -95,7 +93,6 @@ def parallelize(model: nn.Module, d: Any, sequence_parallel: bool = False) -> No
     mesh = d.mesh["tp"]
     config = model.config
     check_model(config, tp)
-    order = qkv_order(config.n_embd, tp)
     seq = Shard(1)
     for block in model.transformer.h:
         attn = block.attn
@@ -103,7 +100,7 @@ def parallelize(model: nn.Module, d: Any, sequence_parallel: bool = False) -> No
             raise ValueError("train.tensor_parallel shards plain Linear layers; it does not combine with LoRA adapters")
         with torch.no_grad():
             for p in (attn.c_attn.weight, attn.c_attn.bias):
-                p.copy_(p[order.to(p.device)])
+                p.copy_(canonical(p, config.n_embd, tp, inverse=True))
         attn.n_head //= tp
         attn.n_embd //= tp
         out = seq if sequence_parallel else Replicate()
@@ -132,7 +129,7 @@ def _divisible_sequence(tp: int) -> Any:
         if T % tp:
             raise ValueError(
                 f"train.sequence_parallel splits the sequence over {tp} ranks, but a batch has {T} positions; use a "
-                f"data.block_size (and evaluation lengths) divisible by {tp}, or turn sequence parallelism off"
+                f"data.seq_len (and evaluation lengths) divisible by {tp}, or turn sequence parallelism off"
             )
 
     return check
@@ -161,8 +158,8 @@ def qkv_layout(model: nn.Module) -> tuple[int, int]:
 
 
 # ---- state-dict layouts ---------------------------------------------------------------------------
-def _qkv_keys(state: dict[str, Any]) -> list[str]:
-    return [k for k in state if k.endswith((QKV_WEIGHT, QKV_BIAS))]
+def _is_qkv(key: str) -> bool:
+    return key.endswith((QKV_WEIGHT, QKV_BIAS))
 
 
 def canonical(tensor: Tensor, n_embd: int, tensor_parallel: int, inverse: bool = False) -> Tensor:
@@ -193,14 +190,12 @@ def _each_qkv(state: dict[str, Any], fn: Any) -> dict[str, Any]:
     """`state` (a model state dict, or an optimizer one with "state") with fn(key, slot, tensor) applied
     to c_attn's weight and bias (slot None) and to their optimizer slots (exp_avg, ...; not the step)."""
     out = dict(state)
-    for key in _qkv_keys(out):
+    for key in [k for k in out if _is_qkv(k)]:
         out[key] = fn(key, None, out[key])
     if "state" in out:
         out["state"] = {
             key: {
-                name: fn(key, name, t)
-                if key.endswith((QKV_WEIGHT, QKV_BIAS)) and isinstance(t, Tensor) and t.dim()
-                else t
+                name: fn(key, name, t) if _is_qkv(key) and isinstance(t, Tensor) and t.dim() else t
                 for name, t in slots.items()
             }
             for key, slots in out["state"].items()
