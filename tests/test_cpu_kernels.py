@@ -355,6 +355,22 @@ def test_fused_step_same_result_for_any_thread_count():
 
 
 @needs_kernels
+def test_fused_step_gives_the_callers_threads_their_subnormals_back():
+    # The step flushes subnormals to zero while it runs (FTZ / DAZ); torch's work after it, on the
+    # calling thread and on the worker threads the step shared, must see them again.
+    model = prepare_model(peaked_model())
+    engine, _ = engines(model)
+    seq = engine.sequence([1, 2, 3])
+    engine.forward([seq])
+    seq.tokens.append(4)
+    engine.forward([seq])
+    tiny = torch.tensor(1e-39)
+    assert (tiny * 2).item() > 0
+    many = torch.full((1 << 20,), 1e-39)
+    assert bool(((many * 2) > 0).all())
+
+
+@needs_kernels
 def test_fused_step_rejects_bad_input():
     model = prepare_model(peaked_model())
     engine, _ = engines(model, tokens=16, block_size=4)

@@ -349,6 +349,12 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
 #pragma omp parallel num_threads(threads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        /* Subnormal floats as zero (FTZ and DAZ) for the step, restored after: softmax weights of keys
+         * far below a row's best score (e^-87 and less, common where a speculative step verifies tokens
+         * the model finds absurd) reach the value sums as subnormals, and every multiply-add that meets
+         * one takes a microcode assist of ~100 cycles. They contribute nothing a float32 sum keeps. */
+        const unsigned int csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040);
         for (int64_t l = 0; l < md->n_layer; l++) {
             const gl_block *bl = md->blocks + l;
 #pragma omp single
@@ -380,6 +386,7 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
 #pragma omp single
         layer_norm(x, h, M, C, md->lnf_w, md->lnf_b, md->eps);
         linear_all(&md->head, h, xq, xs, xp, M, logits, tid, nt, 0, ctr + 4 * md->n_layer * threads);
+        _mm_setcsr(csr);
     }
     free(x);
     free(xq);
