@@ -12,6 +12,7 @@ import copy
 import itertools
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -68,6 +69,21 @@ def test_prompt_lookup_continues_the_first_earlier_occurrence_of_the_longest_suf
     assert lookup([5, 2, 3, 4, 1, 2], 2, 3) == [3, 4, 1]  # no earlier [1, 2]: the 1-gram [2] matches
     assert lookup([1, 2, 3, 4, 1, 2], 2, 9) == [3, 4, 1, 2]  # at most what the sequence holds
     assert lookup([1, 2, 3, 4], 3, 3) == [] and lookup([7], 2, 3) == [] and lookup([1, 1], 2, 0) == []
+
+
+def test_prompt_lookup_equals_the_window_by_window_search():
+    def reference(tokens, n, k):  # every earlier window, longest n-gram first, the first occurrence
+        for m in range(min(n, len(tokens) - 1), 0, -1):
+            for i in range(len(tokens) - m):
+                if tokens[i : i + m] == tokens[-m:]:
+                    return tokens[i + m : i + m + k]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        tokens = [rng.randrange(rng.choice([2, 3, 5])) for _ in range(rng.randrange(1, 30))]
+        n, k = rng.randrange(1, 5), rng.randrange(1, 6)
+        assert lookup(tokens, n, k) == reference(tokens, n, k), (tokens, n, k)
 
 
 def test_speculation_is_validated():

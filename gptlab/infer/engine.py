@@ -195,7 +195,11 @@ class InferenceEngine:
         tables = self.pool.table(seqs)
         if len(rows) != len(seqs):
             tables = tables.repeat_interleave(torch.tensor([s.pending for s in seqs]), dim=0)
-        step = self.fast if self.fast is not None and self.fast.runs(len(rows)) else self.reference
+        # Several positions of one sequence (a speculative step's verification) always run on the fast
+        # step, in calls of at most its rows if need be: there a row's logits have the bits of plain
+        # decoding's, which the reference's GEMMs (int8 batches on AVX2 through fbgemm) would not keep.
+        fast = self.fast is not None and (self.fast.runs(len(rows)) or len(rows) != len(seqs))
+        step = self.fast if fast else self.reference
         return step.decode(self.pool, tokens, positions, tables)
 
     def _prefill(self, seqs: list[Sequence], n_logits: list[int]) -> Tensor:

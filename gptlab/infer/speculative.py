@@ -90,11 +90,15 @@ def lookup(tokens: Sequence[int], n: int, k: int) -> list[int]:
     if k < 1 or len(tokens) < 2:
         return []
     seq = np.asarray(tokens, dtype=np.int64)
+    # Earlier m-grams equal to the last one end where the last token occurs before: narrow those ends
+    # by the tokens before them, rather than comparing every window (this runs once per step).
+    ends = np.flatnonzero(seq[:-1] == seq[-1])
     for m in range(min(n, len(seq) - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], m)  # every m-gram but the last
-        hits = np.flatnonzero((windows == seq[-m:]).all(axis=1))
+        hits = ends[ends >= m - 1]
+        for j in range(1, m):
+            hits = hits[seq[hits - j] == seq[-1 - j]]
         if len(hits):
-            start = int(hits[0]) + m
+            start = int(hits[0]) + 1
             return seq[start : start + k].tolist()
     return []
 

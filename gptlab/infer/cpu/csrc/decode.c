@@ -206,25 +206,21 @@ static void store_row(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64
     store_kv(vc + table[pos / bs] * stride + head + (pos % bs) * tok, q + 2 * C, hs, half);
 }
 
-/* o[0, 64) = sum over positions s in [lo, pos] of scores[s - lo] / sum * v_s[0, 64), where v_s is at
- * base + table[s / bs] * stride + (s % bs) * tok: axpy's arithmetic, in order, with the sums in registers
+/* o[0, 64) += sum over positions s in [s0, end) of scores[s - lo] / sum * v_s[0, 64), v_s at v + (s - s0) *
+ * tok: axpy's arithmetic, in order, with the sums in registers while the positions of a block go by
  * rather than stored and reloaded at every position (a 27M model's batch-1 attention at 240 positions
  * spent most of its time on those stores). */
-static void weigh_values64(const float *scores, float sum, const char *base, const int64_t *table, int64_t stride,
-                           int64_t tok, int64_t bs, int64_t pos, int64_t lo, int half, float *o) {
+static inline void weigh_values64(const float *scores, float sum, const char *v, int64_t tok, int64_t s0, int64_t end,
+                                  int64_t lo, int half, float *o) {
     __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t s = lo; s <= pos;) {
-        const int64_t j = s / bs, end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
-        const char *v = base + table[j] * stride + (s - j * bs) * tok;
-        for (; s < end; s++, v += tok) {
-            __m256 a = _mm256_set1_ps(scores[s - lo] / sum);
-            if (half)
-                for (int i = 0; i < 8; i++)
-                    acc[i] = _mm256_fmadd_ps(a, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v + i)), acc[i]);
-            else
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(a, _mm256_loadu_ps((const float *)v + 8 * i), acc[i]);
-        }
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
+    for (int64_t s = s0; s < end; s++, v += tok) {
+        __m256 a = _mm256_set1_ps(scores[s - lo] / sum);
+        if (half)
+            for (int i = 0; i < 8; i++)
+                acc[i] = _mm256_fmadd_ps(a, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v + i)), acc[i]);
+        else
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(a, _mm256_loadu_ps((const float *)v + 8 * i), acc[i]);
     }
     for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
@@ -251,35 +247,29 @@ static inline __attribute__((always_inline)) __m256 dots8(const float *q, const 
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-/* Attention of row b, head h over the paged cache, positions [lo, pos]; every row's key and value are
- * stored first (`store_row`), so rows of one sequence at consecutive positions (the tokens a
- * speculative step verifies) see each other's. */
-static void attend(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b, int64_t h, char *kc, char *vc,
-                   int half, const int64_t *table, int64_t bs, int64_t pos, int64_t lo, float *scores, float *out) {
-    const float *q = qkv + b * 3 * C + h * hs;
-    /* Walked block by block: a division per position costs as much as its dot product. */
-    const int64_t tok = hs * (half ? 2 : 4), stride = nh * bs * tok, head = h * bs * tok;
-    float scale = 1.0f / sqrtf((float)hs), mx = -INFINITY;
-    for (int64_t s = lo; s <= pos;) {
-        const int64_t j = s / bs, end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
-        const char *k = kc + table[j] * stride + head + (s - j * bs) * tok;
-        if (end <= pos) prefetch_block(kc + table[j + 1] * stride + head, bs * tok);
-        if (hs % 8 == 0)
-            for (; s + 8 <= end; s += 8, k += 8 * tok) {
-                __m256 v = _mm256_mul_ps(half ? dots8(q, k, tok, hs, 1) : dots8(q, k, tok, hs, 0), _mm256_set1_ps(scale));
-                _mm256_storeu_ps(scores + s - lo, v);
-                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-                m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-                mx = _mm_cvtss_f32(m4) > mx ? _mm_cvtss_f32(m4) : mx;
-            }
-        for (; s < end; s++, k += tok) {
-            float v = (half ? dot_half(q, (const uint16_t *)k, hs) : dot(q, (const float *)k, hs)) * scale;
-            scores[s - lo] = v;
-            mx = v > mx ? v : mx;
+/* scores[s - lo] = q . k_s * scale for the keys s in [s, end) of one block, k_s at k + (s - s0) * tok;
+ * *mx: the largest so far. Groups of 8 keys from the block's first one, the rest one at a time. */
+static inline void score_keys(const float *q, const char *k, int64_t tok, int64_t hs, int half, int64_t s,
+                              int64_t end, int64_t lo, float scale, float *scores, float *mx) {
+    if (hs % 8 == 0)
+        for (; s + 8 <= end; s += 8, k += 8 * tok) {
+            __m256 v = _mm256_mul_ps(half ? dots8(q, k, tok, hs, 1) : dots8(q, k, tok, hs, 0), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(scores + s - lo, v);
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            *mx = _mm_cvtss_f32(m4) > *mx ? _mm_cvtss_f32(m4) : *mx;
         }
+    for (; s < end; s++, k += tok) {
+        float v = (half ? dot_half(q, (const uint16_t *)k, hs) : dot(q, (const float *)k, hs)) * scale;
+        scores[s - lo] = v;
+        *mx = v > *mx ? v : *mx;
     }
-    int64_t n = pos + 1 - lo, i = 0;
+}
+
+/* e^(scores - mx) in place over n scores; returns their sum. */
+static float softmax_weights(float *scores, int64_t n, float mx) {
+    int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(scores + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), _mm256_set1_ps(mx))));
     for (; i < n; i++) scores[i] = expf(scores[i] - mx);
@@ -287,25 +277,92 @@ static void attend(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t 
     for (i = 0; i + 8 <= n; i += 8) sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(scores + i));
     float sum = hsum(sum8);
     for (; i < n; i++) sum += scores[i];
-    float *o = out + b * C + h * hs;
-    if (hs % 64 == 0) {
-        for (int64_t c = 0; c < hs; c += 64)
-            weigh_values64(scores, sum, vc + head + c * (half ? 2 : 4), table, stride, tok, bs, pos, lo,
-                           half, o + c);
-        return;
-    }
-    memset(o, 0, hs * sizeof(float));
-    for (int64_t s = lo; s <= pos;) {
-        const int64_t j = s / bs, end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
-        const char *v = vc + table[j] * stride + head + (s - j * bs) * tok;
-        if (end <= pos) prefetch_block(vc + table[j + 1] * stride + head, bs * tok);
-        for (; s < end; s++, v += tok) {
-            if (half)
-                axpy_half(scores[s - lo] / sum, (const uint16_t *)v, o, hs);
-            else
-                axpy(scores[s - lo] / sum, (const float *)v, o, hs);
+    return sum;
+}
+
+/* Rows of one sequence at consecutive positions (the K + 1 a speculative step verifies) attend together,
+ * up to RUN_MAX of them: each block of cached keys and values is read once for all of them and is in L1
+ * for every row after the first, where row by row each re-read the sequence's whole cache. */
+#define RUN_MAX 16
+
+/* Attention of head h for the R rows b0 .. b0 + R - 1 of one sequence (block table `table`), row r at
+ * position pos[r] = pos[0] + r over its positions [lo[r], pos[r]] of the paged cache. Blocks outside,
+ * rows inside: each row's arithmetic is what it would be alone, so its output has the same bits beside
+ * any rows. Every row's key and value are stored first (`store_row`), so the rows see each other's.
+ * scores: R * span floats. kc, vc: this layer's caches, float32 or (half) float16. */
+static void attend_run(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b0, int64_t R, int64_t h,
+                       const char *kc, const char *vc, int half, const int64_t *table, int64_t bs, const int64_t *pos,
+                       const int64_t *lo, float *scores, int64_t span, float *out) {
+    /* Walked block by block: a division per position costs as much as its dot product. */
+    const int64_t tok = hs * (half ? 2 : 4), stride = nh * bs * tok, head = h * bs * tok;
+    const int64_t first = lo[0] / bs, last = pos[R - 1] / bs;
+    const float scale = 1.0f / sqrtf((float)hs);
+    float mx[RUN_MAX], sum[RUN_MAX];
+    for (int64_t r = 0; r < R; r++) mx[r] = -INFINITY;
+    for (int64_t j = first; j <= last; j++) {
+        const char *k = kc + table[j] * stride + head;
+        if (j < last) prefetch_block(kc + table[j + 1] * stride + head, bs * tok);
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t s = lo[r] > j * bs ? lo[r] : j * bs, end = (j + 1) * bs < pos[r] + 1 ? (j + 1) * bs : pos[r] + 1;
+            if (s < end)
+                score_keys(qkv + (b0 + r) * 3 * C + h * hs, k + (s - j * bs) * tok, tok, hs, half, s, end, lo[r],
+                           scale, scores + r * span, mx + r);
         }
     }
+    for (int64_t r = 0; r < R; r++) {
+        sum[r] = softmax_weights(scores + r * span, pos[r] + 1 - lo[r], mx[r]);
+        memset(out + (b0 + r) * C + h * hs, 0, hs * sizeof(float));
+    }
+    for (int64_t j = first; j <= last; j++) {
+        const char *v = vc + table[j] * stride + head;
+        if (j < last) prefetch_block(vc + table[j + 1] * stride + head, bs * tok);
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t s0 = lo[r] > j * bs ? lo[r] : j * bs, end = (j + 1) * bs < pos[r] + 1 ? (j + 1) * bs : pos[r] + 1;
+            const float *w = scores + r * span;
+            float *o = out + (b0 + r) * C + h * hs;
+            const char *vs = v + (s0 - j * bs) * tok;
+            if (s0 >= end) continue;
+            if (hs % 64 == 0) {
+                for (int64_t c = 0; c < hs; c += 64)
+                    weigh_values64(w, sum[r], vs + c * (half ? 2 : 4), tok, s0, end, lo[r], half, o + c);
+                continue;
+            }
+            for (int64_t s = s0; s < end; s++, vs += tok) {
+                if (half)
+                    axpy_half(w[s - lo[r]] / sum[r], (const uint16_t *)vs, o, hs);
+                else
+                    axpy(w[s - lo[r]] / sum[r], (const float *)vs, o, hs);
+            }
+        }
+    }
+}
+
+/* Groups of rows that attend together (attend_run), as (first row, rows) pairs; returns how many.
+ * Consecutive rows join while they share a block table and step one position, up to RUN_MAX; runs
+ * are then split so that there are at least two (group, head) items per thread. */
+static int64_t group_rows(int64_t M, const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs,
+                          int64_t nh, int threads, int64_t *groups) {
+    int64_t n = 0;
+    for (int64_t m = 0; m < M;) {
+        int64_t r = 1;
+        while (m + r < M && r < RUN_MAX && pos[m + r] == pos[m + r - 1] + 1 &&
+               !memcmp(tables + (m + r) * max_blocks, tables + m * max_blocks, sizeof(int64_t) * (pos[m + r] / bs + 1)))
+            r++;
+        groups[2 * n] = m, groups[2 * n + 1] = r, n++;
+        m += r;
+    }
+    const int64_t pieces = (2 * threads + n * nh - 1) / (n * nh);
+    if (pieces <= 1) return n;
+    int64_t out = 0;
+    for (int64_t g = n - 1; g >= 0; g--) { /* from the back: the split ones land at or after their source */
+        const int64_t first = groups[2 * g], rows = groups[2 * g + 1], parts = pieces < rows ? pieces : rows;
+        for (int64_t p = parts - 1; p >= 0; p--) {
+            const int64_t a = first + rows * p / parts, b = first + rows * (p + 1) / parts;
+            groups[2 * (M - 1 - out)] = a, groups[2 * (M - 1 - out) + 1] = b - a, out++;
+        }
+    }
+    memmove(groups, groups + 2 * (M - out), sizeof(int64_t) * 2 * out);
+    return out;
 }
 
 /* Row m: token idx[m] at position pos[m]; its key and value go to the paged cache through its block
@@ -328,18 +385,21 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     }
     if (threads < 1) threads = 1;
     int64_t wide = F > 3 * C ? F : 3 * C, span = md->n_ctx;
-    float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * span));
+    float *x = malloc(sizeof(float) * (M * (3 * C + wide + 1) + threads * RUN_MAX * span));
     int16_t *xq = malloc(sizeof(int16_t) * M * (F > C ? F : C));
     float *xp = malloc(sizeof(float) * ((M + 8) * (F > C ? F : C) + 16)); /* see gl_linear_bf16 */
     int64_t products = 4 * md->n_layer + 1; /* each with its own counters */
     gl_counter *ctr = aligned_alloc(64, sizeof(gl_counter) * threads * products);
-    if (!x || !xq || !xp || !ctr) {
+    int64_t *groups = malloc(sizeof(int64_t) * 2 * M);
+    if (!x || !xq || !xp || !ctr || !groups) {
         free(x);
         free(xq);
         free(xp);
         free(ctr);
+        free(groups);
         return 4;
     }
+    const int64_t n_groups = group_rows(M, pos, tables, max_blocks, block_size, nh, threads, groups);
     memset(ctr, 0, sizeof(gl_counter) * threads * products);
     float *h = x + M * C, *big = h + M * C, *att = big + M * wide, *xs = att + M * C, *scores = xs + M;
     for (int64_t m = 0; m < M; m++)
@@ -366,11 +426,14 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
                           (char *)vcache + l * layer_bytes, kv_half, tables + (bh / nh) * max_blocks, block_size,
                           pos[bh / nh]);
 #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < M * nh; bh++) {
-                int64_t b = bh / nh, hd = bh % nh, p = pos[b];
-                int64_t lo = bl->local && p + 1 > md->window ? p + 1 - md->window : 0;
-                attend(big, C, nh, hs, b, hd, (char *)kcache + l * layer_bytes, (char *)vcache + l * layer_bytes,
-                       kv_half, tables + b * max_blocks, block_size, p, lo, scores + tid * span, att);
+            for (int64_t gh = 0; gh < n_groups * nh; gh++) {
+                const int64_t b0 = groups[2 * (gh / nh)], R = groups[2 * (gh / nh) + 1];
+                int64_t lo[RUN_MAX];
+                for (int64_t r = 0; r < R; r++)
+                    lo[r] = bl->local && pos[b0 + r] + 1 > md->window ? pos[b0 + r] + 1 - md->window : 0;
+                attend_run(big, C, nh, hs, b0, R, gh % nh, (char *)kcache + l * layer_bytes,
+                           (char *)vcache + l * layer_bytes, kv_half, tables + b0 * max_blocks, block_size, pos + b0,
+                           lo, scores + tid * RUN_MAX * span, span, att);
             }
             linear_all(&bl->proj, att, xq, xs, xp, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);
 #pragma omp single
@@ -392,5 +455,6 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     free(xq);
     free(xp);
     free(ctr);
+    free(groups);
     return 0;
 }
