@@ -13,7 +13,7 @@ import torch
 from gptlab import GPT, ModelConfig
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.generate import generate, generate_ids, stream
-from gptlab.infer.sampling import SamplingParams, argmax, process_logits, sample_next
+from gptlab.infer.sampling import SamplingParams, argmax, best_tokens, process_logits, sample_checked, sample_next
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -277,6 +277,23 @@ def test_argmax_is_torchs_argmax():
     for t in (x, x[0], x[:, ::3], x.bfloat16()):
         got = argmax(t)
         assert got.dtype == torch.long and torch.equal(got, t.argmax(-1))
+
+
+def test_best_tokens_flag_the_rows_that_cannot_be_sampled():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 301, generator=g)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3] = -torch.inf
+    x[4, :300] = -torch.inf  # one finite logit is enough
+    for t in (x, x.bfloat16()):
+        best, broken = best_tokens(t)
+        assert best == t.argmax(-1).tolist()
+        assert broken == (~torch.isfinite(t.float().amax(1))).tolist() == [False, True, True, True, False, False]
+    params = [SamplingParams(temperature=1.0, seed=1)] * 6
+    tokens, broken = sample_checked(x, params, [torch.Generator().manual_seed(b) for b in range(6)])
+    assert broken[1:4] == [True] * 3 and tokens[4] == 300  # the others still draw from their logits
+    assert tokens[0] == int(torch.multinomial(x[0].softmax(-1), 1, generator=torch.Generator().manual_seed(0)))
 
 
 def test_sampling_frequencies_follow_softmax():

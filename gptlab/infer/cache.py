@@ -256,14 +256,14 @@ class KVPool:
         self.free(seq)
         self.stats.preemptions += 1
 
-    def table(self, seqs: Seq[Sequence], width: int | None = None) -> Tensor:
-        """Block tables of `seqs` as a (len(seqs), width) int64 tensor, padded with block 0."""
-        width = width or max(len(s.blocks) for s in seqs)
-        out = torch.zeros(len(seqs), max(width, 1), dtype=torch.int64)
-        for i, s in enumerate(seqs):
-            if s.blocks:
-                out[i, : len(s.blocks)] = torch.as_tensor(s.blocks, dtype=torch.int64)
-        return out
+    def table(self, seqs: Seq[Sequence], repeats: Seq[int] | None = None) -> Tensor:
+        """Block tables of `seqs` as a (len(seqs), widest) int64 tensor padded with block 0, or with
+        `repeats` each sequence's row repeats[i] times (a row per position it computes)."""
+        width = max(1, *(len(s.blocks) for s in seqs))
+        rows = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+        if repeats is not None:
+            rows = [row for row, n in zip(rows, repeats, strict=True) for _ in range(n)]
+        return torch.tensor(rows, dtype=torch.int64)
 
     def check(self) -> None:
         """Raise AssertionError unless the pool's bookkeeping is consistent (tests)."""

@@ -192,9 +192,7 @@ class InferenceEngine:
         rows = [(s, p) for s in seqs for p in range(s.length, len(s.tokens))]
         tokens = torch.tensor([s.tokens[p] for s, p in rows], dtype=torch.long)
         positions = torch.tensor([p for _, p in rows], dtype=torch.long)
-        tables = self.pool.table(seqs)
-        if len(rows) != len(seqs):
-            tables = tables.repeat_interleave(torch.tensor([s.pending for s in seqs]), dim=0)
+        tables = self.pool.table(seqs, [s.pending for s in seqs] if len(rows) != len(seqs) else None)
         # Several positions of one sequence (a speculative step's verification) always run on the fast
         # step, in calls of at most its rows if need be: there a row's logits have the bits of plain
         # decoding's, which the reference's GEMMs (int8 batches on AVX2 through fbgemm) would not keep.

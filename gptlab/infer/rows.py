@@ -21,7 +21,7 @@ from torch import Tensor
 from gptlab.infer.cache import Sequence as CacheSequence
 from gptlab.infer.constrain import TokenMatcher, mask_logits
 from gptlab.infer.engine import InferenceEngine
-from gptlab.infer.sampling import SamplingParams, make_generator, process_logits, sample_next, top_logprobs
+from gptlab.infer.sampling import SamplingParams, make_generator, process_logits, sample_checked, top_logprobs
 
 log = logging.getLogger("gptlab.infer")
 
@@ -215,20 +215,14 @@ def advance(rows: Sequence[Row], logits: Tensor, eos_id: int | None, n_ctx: int)
     matchers = [r.matcher for r in rows]
     allowed_logits = mask_logits(logits, matchers) if any(m is not None for m in matchers) else logits
     processed = process_logits(allowed_logits, [r.ids for r in rows], params, prompts)
-    # A row whose logits are NaN or +inf anywhere, or -inf everywhere, cannot be sampled: it fails here,
-    # and a stand-in row keeps the batch's draw valid for every other row. Its maximum says all three
-    # in one pass (amax propagates NaN).
-    broken = ~torch.isfinite(processed.amax(1))
-    failed = broken.nonzero().flatten().tolist()
-    if failed:
-        processed = processed.masked_fill(broken[:, None], 0.0)
     generators = [r.generator for r in rows]
-    chosen = sample_next(processed, params, generators if any(g is not None for g in generators) else None)
+    # A row whose logits cannot be sampled fails here, alone.
+    tokens, broken = sample_checked(processed, params, generators if any(g is not None for g in generators) else None)
     want = [p.logprobs for p in params if p.logprobs is not None]
     if want:
+        chosen = torch.tensor(tokens, device=logits.device)
         lp, top_v, top_i = (t.tolist() for t in top_logprobs(logits, chosen, max(want)))
-    tokens = chosen.tolist()
-    for b in failed:
+    for b in (b for b, bad in enumerate(broken) if bad):
         matcher = rows[b].matcher
         if matcher is not None and matcher.error is not None:
             rows[b].fail(f"constrained decoding failed: {matcher.error}")

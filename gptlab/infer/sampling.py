@@ -276,6 +276,36 @@ def argmax(logits: Tensor) -> Tensor:
     return logits.argmax(dim=-1)
 
 
+def best_tokens(logits: Tensor) -> tuple[list[int], list[bool]]:
+    """Each row's argmax (`argmax`) and whether the row cannot be sampled: its logits are NaN or +inf
+    somewhere, or -inf everywhere, which its maximum says in one look (NaN counts as the maximum).
+    One pass through numpy on CPU: a step's few torch calls on a (B, V) tensor cost more than a small
+    draft model's forward."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        values = logits.numpy()
+        best = values.argmax(-1)
+        top = values[np.arange(len(best)), best]
+        return best.tolist(), (~np.isfinite(top)).tolist()
+    best = argmax(logits)
+    return best.tolist(), (~torch.isfinite(logits.gather(1, best[:, None]).squeeze(1))).tolist()
+
+
+def sample_checked(
+    logits: Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> tuple[list[int], list[bool]]:
+    """`sample_next` for every row that can be sampled, and which rows cannot (`best_tokens`); those
+    get a stand-in token, so the batch's draws stay valid for the others."""
+    best, broken = best_tokens(logits)
+    rows = _per_row(params, logits.shape[0])
+    if all(p.greedy for p in rows):
+        return best, broken
+    if any(broken):
+        logits = logits.masked_fill(torch.tensor(broken, device=logits.device)[:, None], 0.0)
+    return sample_next(logits, rows, generators).tolist(), broken
+
+
 def sample_next(
     logits: Tensor,
     params: SamplingParams | Sequence[SamplingParams],

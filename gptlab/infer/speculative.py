@@ -32,7 +32,7 @@ from gptlab.infer.cache import Sequence as CacheSequence
 from gptlab.infer.constrain import apply_masks
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.rows import NOT_FINITE, Row, record
-from gptlab.infer.sampling import argmax, process_logits, sample_next, top_logprobs
+from gptlab.infer.sampling import best_tokens, process_logits, sample_checked, top_logprobs
 from gptlab.model import GPT
 
 log = logging.getLogger("gptlab.infer")
@@ -158,11 +158,12 @@ class Speculator:
         allowed = [m for r, d, row_masks in zip(rows, drafts, masks, strict=True)
                    for m in (row_masks if row_masks is not None else [None] * (len(d) + 1))]  # fmt: skip
         p_logits = self._process(apply_masks(logits, allowed), rows, drafts)
-        broken = ~torch.isfinite(p_logits.amax(1))
-        p_logits = p_logits.masked_fill(broken[:, None], 0.0)
-        greedy = argmax(p_logits).tolist()
-        probs = p_logits.softmax(-1) if not all(r.params.greedy for r in rows) else None
-        broken_at = broken.tolist()
+        greedy, broken_at = best_tokens(p_logits)
+        probs = None
+        if not all(r.params.greedy for r in rows):
+            if any(broken_at):
+                p_logits = p_logits.masked_fill(torch.tensor(broken_at)[:, None], 0.0)
+            probs = p_logits.softmax(-1)
         stats = self.engine.speculation
         offset, chosen = 0, []
         for b, (row, d) in enumerate(zip(rows, drafts, strict=True)):
@@ -304,15 +305,14 @@ class Speculator:
             params = [r.params for r in chosen_rows]
             prompts = [r.prompt for r in chosen_rows] if any(p.repetition_penalty != 1 for p in params) else None
             processed = process_logits(logits, [rows[b].ids + drafts[b] for b in active], params, prompts)
-            broken = ~torch.isfinite(processed.amax(1))
-            processed = processed.masked_fill(broken[:, None], 0.0)
-            tokens = sample_next(processed, params, [r.generator for r in chosen_rows]).tolist()
+            tokens, broken = sample_checked(processed, params, [r.generator for r in chosen_rows])
             still = []
             for i, b in enumerate(active):
                 if broken[i]:  # a draft that cannot be sampled proposes nothing more
                     continue
                 drafts[b].append(tokens[i])
-                q[b].append(processed[i])
+                if not rows[b].params.greedy:  # greedy acceptance compares argmaxes, not distributions
+                    q[b].append(processed[i])
                 if step_masks[i] is not None:
                     masks[b].append(step_masks[i])
                     if tokens[i] != eos_id:
