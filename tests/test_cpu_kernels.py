@@ -331,6 +331,36 @@ def test_verified_positions_have_the_bits_of_one_at_a_time_decoding(threads, pat
 
 
 @needs_kernels
+def test_greedy_steps_feed_back_the_argmax_of_each_step():
+    model = prepare_model(peaked_model(attn_pattern="alternating", local_window=3))
+    one_call, stepwise = engines(model)[0], engines(model)[0]
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    a, b = [one_call.sequence(p) for p in prompts], [stepwise.sequence(p) for p in prompts]
+    first = one_call.forward(a).argmax(-1).tolist()
+    stepwise.forward(b)
+    for seq, token in zip(a + b, first + first, strict=True):
+        seq.tokens.append(token)
+    got = one_call.greedy(a, 6)
+    want = [[], []]
+    for _ in range(6):
+        logits = stepwise.forward(b)
+        for i, (seq, token) in enumerate(zip(b, logits.argmax(-1).tolist(), strict=True)):
+            want[i].append(token)
+            seq.tokens.append(token)
+    assert got == want
+    assert [s.tokens for s in a] == [s.tokens[:-1] for s in b] and [s.length for s in a] == [len(s.tokens) for s in a]
+    assert one_call.greedy(a, 200) is None  # past the context: nothing done
+    one_call.pool.check()
+    with torch.no_grad():  # logits that cannot be sampled: -1 from that step on
+        model.transformer.ln_f.weight[0] = float("nan")
+    broken = engines(model)[0]  # the step reads the model's tensors as they are now
+    seq = broken.sequence([1, 2])
+    broken.forward([seq])
+    seq.tokens.append(3)
+    assert broken.greedy([seq], 3) == [[-1, -1, -1]]
+
+
+@needs_kernels
 def test_fused_step_takes_a_wide_batch_in_one_call():
     model = peaked_model(attn_pattern="alternating", local_window=3, n_layer=2)
     prepare_model(model)

@@ -9,6 +9,7 @@ continuation of a tiny-vocabulary model (sampling), a forward pass without any c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -19,6 +20,7 @@ import torch
 
 from gptlab import GPT, ModelConfig
 from gptlab.infer import speculative as speculative_module
+from gptlab.infer.cpu import kernels as cpu_kernels
 from gptlab.infer.engine import InferenceEngine
 from gptlab.infer.generate import generate, generate_ids, stream
 from gptlab.infer.sampling import SamplingParams, process_logits
@@ -220,6 +222,44 @@ def test_greedy_speculative_output_on_the_cpu_kernels(storage):
     want = generate_ids(target, PROMPTS, params)
     for spec in (Speculation(draft=draft, num_tokens=3), Speculation(prompt_lookup=3)):
         assert generate_ids(target, PROMPTS, params, speculative=spec) == want
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="gptlab's CPU kernels did not build here")
+@pytest.mark.parametrize("pattern", ["dense", "alternating"])
+def test_greedy_drafts_on_the_cpu_kernels_run_in_one_call_and_draft_what_steps_would(pattern, monkeypatch):
+    """A greedy draft model on the C step drafts its tokens after the first in one call feeding its
+    argmaxes back (`InferenceEngine.greedy`): the same drafts as a Python step a token, so the same
+    acceptance counts, and the target's own greedy output; end-of-text and context ends included."""
+    from gptlab.infer.prepare import prepare_model
+
+    base = peaked_model(attn_pattern=pattern, local_window=4)
+    target = prepare_model(copy.deepcopy(base))
+    noisy = noisy_copy(base, 1.5)  # with a shorter context, which drafts run into
+    draft = GPT(dataclasses.replace(base.config, n_ctx=40)).eval()
+    state = noisy.state_dict()
+    draft.load_state_dict({k: v[:40] if k.endswith("wpe.weight") else v for k, v in state.items()})
+    spec = Speculation(draft=prepare_model(draft), num_tokens=5)
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    prompts = [*PROMPTS, [3] * 30]
+    want = generate_ids(target, prompts, params)
+    eos = want[0][6]
+    calls, original = [], InferenceEngine.greedy
+
+    def counted(self, seqs, steps):
+        calls.append(steps)
+        return original(self, seqs, steps)
+
+    results = {}
+    for fast in (True, False):
+        calls.clear()
+        monkeypatch.setattr(InferenceEngine, "greedy", counted if fast else lambda *a: None)
+        engine = InferenceEngine(target, kv_cache_tokens=2048)
+        got = [generate_ids(target, prompts, params, engine=engine, speculative=spec),
+               generate_ids(target, prompts, params, eos, engine=engine, speculative=spec)]  # fmt: skip
+        assert got == [want, generate_ids(target, prompts, params, eos)]
+        results[fast] = engine.summary()["speculative"], bool(calls)
+    assert results[True] == (results[False][0], True), results
+    assert 0 < results[True][0]["accepted"] < results[True][0]["drafted"]
 
 
 def test_logprobs_stream_and_penalties_match_plain_decoding(byte_tokenizer):

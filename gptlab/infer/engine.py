@@ -187,6 +187,30 @@ class InferenceEngine:
             self.pool.commit(seq, seq.pending)
         return torch.cat(parts) if len(parts) != 1 else parts[0]  # type: ignore[arg-type]
 
+    @torch.inference_mode()
+    def greedy(self, seqs: Seq[Sequence], steps: int) -> list[list[int]] | None:
+        """`steps` greedy tokens for each of `seqs` (one token pending each) in one call of the fast
+        step, each fed back as the next step's token: the argmax after each step, -1 from a step whose
+        logits have no finite maximum on. Every token fed is then computed and in the sequence (-1 fed
+        as token 0), the last argmax not. None, with nothing done, where the fast step cannot take
+        them (no C kernels, too many rows, or the steps would pass the context)."""
+        n_ctx = self.model.config.n_ctx
+        if (
+            self.fast is None
+            or not 0 < len(seqs) <= self.fast.max_rows
+            or any(s.pending != 1 or len(s.tokens) + steps - 1 > n_ctx for s in seqs)
+        ):
+            return None
+        for seq in seqs:
+            self.pool.reserve(seq, steps)
+        tokens = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.long)
+        positions = torch.tensor([s.length for s in seqs], dtype=torch.long)
+        out = self.fast.greedy(self.pool, tokens, positions, self.pool.table(seqs), steps).tolist()
+        for seq, row in zip(seqs, out, strict=True):
+            seq.tokens.extend(max(t, 0) for t in row[:-1])
+            self.pool.commit(seq, steps)
+        return out
+
     def _decode(self, seqs: list[Sequence]) -> Tensor:
         """A row for each pending token of `seqs` (rows of one sequence share its block table)."""
         rows = [(s, p) for s in seqs for p in range(s.length, len(s.tokens))]

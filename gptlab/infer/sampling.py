@@ -144,6 +144,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy, and nothing moves the argmax of the model's logits (no penalties, no logit bias;
+        a constraint is the row's, not these parameters')."""
+        return self.greedy and self.repetition_penalty == 1 and not (
+            self.presence_penalty or self.frequency_penalty or self.logit_bias
+        )
+
     def updated(self, **overrides: object) -> SamplingParams:
         """A validated copy with some fields replaced; unknown names raise ValueError."""
         known = {f.name for f in fields(self)}

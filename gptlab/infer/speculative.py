@@ -321,7 +321,31 @@ class Speculator:
                     seqs[b].tokens.append(tokens[i])
                     still.append(b)
             active = still
+            picked = [rows[b] for b in active], [seqs[b] for b in active], [drafts[b] for b in active]
+            if active and self._finish_greedy(*picked, [budget[b] for b in active], eos_id):
+                break
         return drafts, [torch.stack(x) if x else None for x in q], self._last_masks(rows, masks, V)
+
+    def _finish_greedy(
+        self, rows: list[Row], seqs: list[CacheSequence], drafts: list[list[int]], budget: list[int], eos_id: int | None
+    ) -> bool:
+        """Draft the rest of each row's budget at once where every row takes the draft model's plain
+        argmax: one C call feeding argmaxes back (`InferenceEngine.greedy`), not a Python step a token.
+        False, with nothing done, where that does not apply."""
+        if not all(r.params.plain_argmax and r.matcher is None for r in rows):
+            return False
+        assert self.draft_engine is not None
+        got = self.draft_engine.greedy(seqs, max(k - len(d) for d, k in zip(drafts, budget, strict=True)))
+        if got is None:
+            return False
+        for draft, most, tokens in zip(drafts, budget, got, strict=True):
+            for token in tokens[: most - len(draft)]:
+                if token < 0:  # cannot be sampled: the draft ends before it
+                    break
+                draft.append(token)
+                if token == eos_id:
+                    break
+        return True
 
     @staticmethod
     def _last_masks(rows: Sequence[Row], masks: list[list[np.ndarray] | None], vocab: int) -> list:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
 SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_ROWS = 64
 """Most activation rows per call. Measured on AVX2 (Zen 3, 2 cores, GPT-2 124M's shapes), against
 torch's GEMM: the float32 kernel is 2.4x ahead at 1 row, 1.4x at 32 and ties at 64 (35-39 GMAC/s);
@@ -148,6 +148,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gl_read_sum.argtypes = [p, i64, ctypes.c_int]
     i32 = ctypes.c_int
     lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, i64, p, p, i64, i64, i32, p, i32]
+    lib.gl_greedy_steps.restype = ctypes.c_int
+    lib.gl_greedy_steps.argtypes = [*lib.gl_decode_step.argtypes, i64, p]
     return lib
 
 
@@ -368,7 +370,7 @@ class DecodeStep:
         # the others are tested against.
         weights = [layer.weight for group in layers for layer in group] + [model.lm_head.weight]
         self.cache_dtype = torch.float32 if any(w.dtype == torch.float32 for w in weights) else torch.float16
-        self._fn = _library().gl_decode_step
+        self._fn, self._greedy = _library().gl_decode_step, _library().gl_greedy_steps
 
     def _float(self, t: Tensor | None) -> int | None:
         if t is None:
@@ -398,6 +400,28 @@ class DecodeStep:
         writes its key and value into `pool` (a `gptlab.infer.cache.KVPool`) through its block table
         tables[m] and attends to its positions <= positions[m]. More than `max_rows` rows run as
         consecutive calls (rows are independent)."""
+        idx, positions, tables, M = self._rows(pool, tokens, positions, tables)
+        logits = torch.empty(M, self.config.vocab_size)
+        # Row r0's pointers by address arithmetic: slicing tensors costs microseconds a call.
+        for r0 in range(0, M, self.max_rows):
+            self._call(self._fn, pool, idx, positions, tables, logits, r0, min(self.max_rows, M - r0))
+        return logits
+
+    def greedy(self, pool: Any, tokens: Tensor, positions: Tensor, tables: Tensor, steps: int) -> Tensor:
+        """`steps` greedy steps of M rows in one C call: row m feeds tokens[m] at positions[m], then at
+        each further position the argmax of its last logits (`decode`'s rows, its tables reaching the
+        last position). (M, steps) int64: each row's argmax after each step, -1 from a step whose
+        logits have no finite maximum on. At most `max_rows` rows."""
+        idx, positions, tables, M = self._rows(pool, tokens, positions, tables)
+        if not 0 < M <= self.max_rows or steps < 1:
+            raise ValueError(f"greedy steps take 1 to {self.max_rows} rows and steps >= 1; got {M} and {steps}")
+        out = torch.empty(M, steps, dtype=torch.int64)
+        workspace = torch.empty(M, self.config.vocab_size)
+        self._call(self._greedy, pool, idx, positions, tables, workspace, 0, M, steps, out.data_ptr())
+        return out
+
+    def _rows(self, pool: Any, tokens: Tensor, positions: Tensor, tables: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The rows' tokens, positions and tables as C reads them, and their number; checks the pool."""
         idx, positions, tables = _int64_rows(tokens), _int64_rows(positions), _int64_rows(tables)
         M = idx.numel()
         if positions.numel() != M or tables.dim() != 2 or tables.shape[0] != M:
@@ -415,16 +439,17 @@ class DecodeStep:
             )
         if k_cache.dtype not in CACHE_DTYPES or v_cache.dtype != k_cache.dtype or k_cache.device.type != "cpu":
             raise ValueError(f"the KV pool must be float32 or float16 on the CPU; got {k_cache.dtype}")
-        logits = torch.empty(M, c.vocab_size)
-        width = tables.shape[1]
-        # Row r0's pointers by address arithmetic: slicing tensors costs microseconds a call.
-        i, p, t, out = idx.data_ptr(), positions.data_ptr(), tables.data_ptr(), logits.data_ptr()
-        for r0 in range(0, M, self.max_rows):
-            err = self._fn(
-                self._model_ref, min(self.max_rows, M - r0), i + 8 * r0, p + 8 * r0, t + 8 * width * r0, width,
-                k_cache.data_ptr(), v_cache.data_ptr(), shape[1], shape[3], k_cache.dtype == torch.float16,
-                out + 4 * c.vocab_size * r0, torch.get_num_threads(),
-            )  # fmt: skip
-            if err:
-                raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")
-        return logits
+        return idx, positions, tables, M
+
+    def _call(self, fn: Any, pool: Any, idx: Tensor, positions: Tensor, tables: Tensor, logits: Tensor, r0: int,
+              rows: int, *extra: int) -> None:  # fmt: skip
+        """fn (a step of rows r0 .. r0 + rows - 1, with `extra` arguments); raises ValueError on its error."""
+        k_cache, v_cache, width = pool.k, pool.v, tables.shape[1]
+        err = fn(
+            self._model_ref, rows, idx.data_ptr() + 8 * r0, positions.data_ptr() + 8 * r0,
+            tables.data_ptr() + 8 * width * r0, width, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
+            k_cache.shape[3], k_cache.dtype == torch.float16, logits.data_ptr() + 4 * logits.shape[1] * r0,
+            torch.get_num_threads(), *extra,
+        )  # fmt: skip
+        if err:
+            raise ValueError(f"decode step: {_STEP_ERRORS.get(err, f'error {err}')}")

@@ -458,3 +458,48 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
     free(groups);
     return 0;
 }
+
+/* `steps` greedy decoding steps of M rows, one per sequence, each step feeding every row the argmax of
+ * its previous logits: a draft model's proposals without a return to Python between tokens (there, a
+ * small draft model's step costs less than the Python around it). Row m feeds idx[m] at pos[m] first,
+ * then one position further each step; its table must reach the last one. out[m * steps + t]: the
+ * row's argmax after step t (the first maximum, NaN counting as the maximum, as numpy's), or -1 where
+ * the maximum is not finite (the row's logits cannot be sampled; later steps feed it token 0, and
+ * what they give means nothing). logits: (M, vocab) workspace, the last step's on return.
+ * Returns gl_decode_step's codes (steps before a failing one have written the cache). */
+int gl_greedy_steps(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos, const int64_t *tables,
+                    int64_t max_blocks, void *kcache, void *vcache, int64_t num_blocks, int64_t block_size,
+                    int kv_half, float *logits, int threads, int64_t steps, int64_t *out) {
+    int64_t *cur = malloc(sizeof(int64_t) * 2 * M);
+    if (!cur) return 4;
+    int64_t *at = cur + M;
+    memcpy(cur, idx, sizeof(int64_t) * M);
+    memcpy(at, pos, sizeof(int64_t) * M);
+    const int64_t V = md->vocab;
+    for (int64_t t = 0; t < steps; t++) {
+        int err = gl_decode_step(md, M, cur, at, tables, max_blocks, kcache, vcache, num_blocks, block_size, kv_half,
+                                 logits, threads);
+        if (err) {
+            free(cur);
+            return err;
+        }
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = logits + m * V;
+            int64_t best = 0;
+            float top = row[0];
+            if (!isnan(top))
+                for (int64_t i = 1; i < V; i++) {
+                    if (isnan(row[i])) {
+                        best = i, top = row[i];
+                        break;
+                    }
+                    if (row[i] > top) best = i, top = row[i];
+                }
+            out[m * steps + t] = isfinite(top) ? best : -1;
+            cur[m] = isfinite(top) ? best : 0;
+            at[m]++;
+        }
+    }
+    free(cur);
+    return 0;
+}

@@ -640,4 +640,4 @@ int gl_amx(void) {
 }
 
 /* Lets the loader check the ABI it compiled against. */
-int gl_abi_version(void) { return 6; }
+int gl_abi_version(void) { return 7; }
