@@ -297,14 +297,15 @@ def test_fused_step_verifies_several_tokens_of_a_sequence_like_the_torch_step(th
 @pytest.mark.parametrize("threads", [1, 2, 3])  # 3 threads, 2 heads: a run's rows split between threads
 @pytest.mark.parametrize("pattern", ["dense", "alternating"])
 @pytest.mark.parametrize("head_size", [16, 64])  # 64: the value sums in registers (weigh_values64)
-@pytest.mark.parametrize("storage", ["float32", "int8"])  # int8: a float16 cache
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])  # bfloat16 (AMX), int8: a float16 cache
 def test_verified_positions_have_the_bits_of_one_at_a_time_decoding(threads, pattern, head_size, storage):
     """The rows of one sequence attend together (reading each cached block once for all of them), yet
     every row's logits must have the bits it has when decoded alone, whatever rows are beside it:
     speculative greedy output is the target's own only if verification computes plain decoding's
-    logits exactly. (Not bfloat16 on AMX: two rows or more multiply on AMX tiles, which round their
-    sums differently from the vector tiles one row takes.)"""
+    logits exactly (bfloat16 batches on AMX tiles round otherwise than one row: not these)."""
     model = peaked_model(attn_pattern=pattern, local_window=6, n_layer=2, n_embd=2 * head_size, n_head=2)
+    if storage == "bfloat16":
+        model = model.to(torch.bfloat16)
     prepare_model(model, quantize="int8" if storage == "int8" else None)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10] * 13]
     drafts = [[11, 12, 13, 14, 15, 16, 17, 18, 19], [20], [21, 22, 23, 24, 25]]  # across block edges

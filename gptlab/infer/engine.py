@@ -218,11 +218,13 @@ class InferenceEngine:
         positions = torch.tensor([p for _, p in rows], dtype=torch.long)
         tables = self.pool.table(seqs, [s.pending for s in seqs] if len(rows) != len(seqs) else None)
         # Several positions of one sequence (a speculative step's verification) always run on the fast
-        # step, in calls of at most its rows if need be: there a row's logits have the bits of plain
-        # decoding's, which the reference's GEMMs (int8 batches on AVX2 through fbgemm) would not keep.
-        fast = self.fast is not None and (self.fast.runs(len(rows)) or len(rows) != len(seqs))
-        step = self.fast if fast else self.reference
-        return step.decode(self.pool, tokens, positions, tables)
+        # step, in calls of at most its rows if need be, exactly: there a row's logits have the bits of
+        # plain decoding's, which the reference's GEMMs (int8 batches on AVX2 through fbgemm) or AMX
+        # tiles (bfloat16 batches) would not keep.
+        verifying = len(rows) != len(seqs)
+        if self.fast is not None and (verifying or self.fast.runs(len(rows))):
+            return self.fast.decode(self.pool, tokens, positions, tables, verifying)
+        return self.reference.decode(self.pool, tokens, positions, tables)
 
     def _prefill(self, seqs: list[Sequence], n_logits: list[int]) -> Tensor:
         T = max(s.pending for s in seqs)

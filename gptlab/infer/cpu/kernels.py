@@ -35,7 +35,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"  # includes matvec.c: one library
 SOURCES = (SOURCE, SOURCE.with_name("matvec.c"))
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_ROWS = 64
 """Most activation rows per call. Measured on AVX2 (Zen 3, 2 cores, GPT-2 124M's shapes), against
 torch's GEMM: the float32 kernel is 2.4x ahead at 1 row, 1.4x at 32 and ties at 64 (35-39 GMAC/s);
@@ -147,9 +147,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.gl_read_sum.restype = ctypes.c_double
     lib.gl_read_sum.argtypes = [p, i64, ctypes.c_int]
     i32 = ctypes.c_int
-    lib.gl_decode_step.argtypes = [ctypes.POINTER(_Model), i64, p, p, p, i64, p, p, i64, i64, i32, p, i32]
+    step = [ctypes.POINTER(_Model), i64, p, p, p, i64, p, p, i64, i64, i32, p, i32]
+    lib.gl_decode_step.argtypes = [*step, i32]
     lib.gl_greedy_steps.restype = ctypes.c_int
-    lib.gl_greedy_steps.argtypes = [*lib.gl_decode_step.argtypes, i64, p]
+    lib.gl_greedy_steps.argtypes = [*step, i64, p]
     return lib
 
 
@@ -395,16 +396,17 @@ class DecodeStep:
         (float weights; not int8, whose bigger batches run on fbgemm's int8 GEMM)."""
         return 0 < rows <= (rows if self._splits else self.max_rows)
 
-    def decode(self, pool: Any, tokens: Tensor, positions: Tensor, tables: Tensor) -> Tensor:
+    def decode(self, pool: Any, tokens: Tensor, positions: Tensor, tables: Tensor, exact: bool = False) -> Tensor:
         """Logits (M, vocab) float32 of M rows: row m feeds token tokens[m] at position positions[m],
         writes its key and value into `pool` (a `gptlab.infer.cache.KVPool`) through its block table
         tables[m] and attends to its positions <= positions[m]. More than `max_rows` rows run as
-        consecutive calls (rows are independent)."""
+        consecutive calls (rows are independent). `exact`: every row's logits have the bits it would
+        get alone (float32 and int8 rows always do; bfloat16 ones then stay off AMX tiles)."""
         idx, positions, tables, M = self._rows(pool, tokens, positions, tables)
         logits = torch.empty(M, self.config.vocab_size)
         # Row r0's pointers by address arithmetic: slicing tensors costs microseconds a call.
         for r0 in range(0, M, self.max_rows):
-            self._call(self._fn, pool, idx, positions, tables, logits, r0, min(self.max_rows, M - r0))
+            self._call(self._fn, pool, idx, positions, tables, logits, r0, min(self.max_rows, M - r0), int(exact))
         return logits
 
     def greedy(self, pool: Any, tokens: Tensor, positions: Tensor, tables: Tensor, steps: int) -> Tensor:

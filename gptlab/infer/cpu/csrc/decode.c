@@ -117,14 +117,14 @@ static const int64_t ELEM_SIZE[] = {4, 2, 1}; /* bytes per weight of GL_F32, GL_
  * with `gelu`, the thread also applies GELU to the outputs it wrote (they are still in its cache).
  * xq, xs: int8 layers' int16 activations and their scales; xp: bfloat16 layers' (prepare_bf16). */
 static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, const float *xs, const float *xp,
-                        int64_t M, float *y, int tid, int nt, int gelu, gl_counter *ctr) {
+                        int64_t M, float *y, int tid, int nt, int gelu, int amx, gl_counter *ctr) {
     const char *W = (const char *)L->w;
     int64_t chunk = chunk_rows(L->k, ELEM_SIZE[L->kind]), n0, n1;
     int owner = 0;
     while (claim(ctr, L->n, chunk, tid, nt, &owner, &n0, &n1)) {
         switch (L->kind) {
         case GL_F32: range_f32(x, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
-        case GL_BF16: range_bf16x(xp, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
+        case GL_BF16: range_bf16a(xp, NULL, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y, amx); break;
         default: range_q8(xq, xs, M, L->k, W, n0, n1, L->n, L->scale, L->bias, y); break;
         }
         if (gelu)
@@ -136,15 +136,15 @@ static void linear_part(const gl_lin *L, const float *x, const int16_t *xq, cons
  * take their activations as int16, bfloat16 ones as bfloat16), each computes its chunks of weight
  * rows, and all wait for the output. `ctr`: this product's zeroed counters, one per thread. */
 static void linear_all(const gl_lin *L, const float *x, int16_t *xq, float *xs, float *xp, int64_t M, float *y,
-                       int tid, int nt, int gelu, gl_counter *ctr) {
+                       int tid, int nt, int gelu, int amx, gl_counter *ctr) {
     if (L->kind == GL_I8) {
 #pragma omp single
         quantize_rows(x, M, L->k, xq, xs);
     } else if (L->kind == GL_BF16) {
 #pragma omp single
-        prepare_bf16(x, M, L->k, xp);
+        prepare_bf16(x, M, L->k, xp, amx);
     }
-    linear_part(L, x, xq, xs, xp, M, y, tid, nt, gelu, ctr);
+    linear_part(L, x, xq, xs, xp, M, y, tid, nt, gelu, amx, ctr);
 #pragma omp barrier
 }
 
@@ -368,13 +368,16 @@ static int64_t group_rows(int64_t M, const int64_t *pos, const int64_t *tables, 
 /* Row m: token idx[m] at position pos[m]; its key and value go to the paged cache through its block
  * table tables[m] (max_blocks entries), and it attends to its positions up to and including pos[m]
  * (the last `window` of them in banded layers). Caches (n_layer, num_blocks, n_head, block_size, hs),
- * float32 or (kv_half) float16. logits: (M, vocab).
+ * float32 or (kv_half) float16. logits: (M, vocab). `exact`: every row's logits have the bits it gets
+ * alone (a speculative step's verified positions are plain decoding's): bfloat16 layers then keep off
+ * AMX, whose tiles round a row's sums otherwise than the vector tiles of a single row.
  * Returns 0, or 1 (a token id out of range), 2 (a position beyond the context), 3 (a block beyond the
  * pool or the block table), 4 (out of memory); nothing is written then. */
 int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int64_t *pos, const int64_t *tables,
                    int64_t max_blocks, void *kcache, void *vcache, int64_t num_blocks, int64_t block_size,
-                   int kv_half, float *logits, int threads) {
+                   int kv_half, float *logits, int threads, int exact) {
     const int64_t C = md->n_embd, nh = md->n_head, hs = C / nh, F = md->d_ff;
+    const int amx = !exact;
     if (block_size < 1) return 3;
     for (int64_t m = 0; m < M; m++) {
         if (idx[m] < 0 || idx[m] >= md->vocab) return 1;
@@ -419,7 +422,7 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
             const gl_block *bl = md->blocks + l;
 #pragma omp single
             layer_norm(x, h, M, C, bl->ln1_w, bl->ln1_b, md->eps);
-            linear_all(&bl->qkv, h, xq, xs, xp, M, big, tid, nt, 0, ctr + (4 * l) * threads);
+            linear_all(&bl->qkv, h, xq, xs, xp, M, big, tid, nt, 0, amx, ctr + (4 * l) * threads);
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < M * nh; bh++)
                 store_row(big, C, nh, hs, bh / nh, bh % nh, (char *)kcache + l * layer_bytes,
@@ -435,20 +438,20 @@ int gl_decode_step(const gl_model *md, int64_t M, const int64_t *idx, const int6
                            (char *)vcache + l * layer_bytes, kv_half, tables + b0 * max_blocks, block_size, pos + b0,
                            lo, scores + tid * RUN_MAX * span, span, att);
             }
-            linear_all(&bl->proj, att, xq, xs, xp, M, h, tid, nt, 0, ctr + (4 * l + 1) * threads);
+            linear_all(&bl->proj, att, xq, xs, xp, M, h, tid, nt, 0, amx, ctr + (4 * l + 1) * threads);
 #pragma omp single
             {
                 for (int64_t i = 0; i < M * C; i++) x[i] += h[i];
                 layer_norm(x, h, M, C, bl->ln2_w, bl->ln2_b, md->eps);
             }
-            linear_all(&bl->fc, h, xq, xs, xp, M, big, tid, nt, 1, ctr + (4 * l + 2) * threads);
-            linear_all(&bl->fc_proj, big, xq, xs, xp, M, att, tid, nt, 0, ctr + (4 * l + 3) * threads);
+            linear_all(&bl->fc, h, xq, xs, xp, M, big, tid, nt, 1, amx, ctr + (4 * l + 2) * threads);
+            linear_all(&bl->fc_proj, big, xq, xs, xp, M, att, tid, nt, 0, amx, ctr + (4 * l + 3) * threads);
 #pragma omp single
             for (int64_t i = 0; i < M * C; i++) x[i] += att[i];
         }
 #pragma omp single
         layer_norm(x, h, M, C, md->lnf_w, md->lnf_b, md->eps);
-        linear_all(&md->head, h, xq, xs, xp, M, logits, tid, nt, 0, ctr + 4 * md->n_layer * threads);
+        linear_all(&md->head, h, xq, xs, xp, M, logits, tid, nt, 0, amx, ctr + 4 * md->n_layer * threads);
         _mm_setcsr(csr);
     }
     free(x);
@@ -478,7 +481,7 @@ int gl_greedy_steps(const gl_model *md, int64_t M, const int64_t *idx, const int
     const int64_t V = md->vocab;
     for (int64_t t = 0; t < steps; t++) {
         int err = gl_decode_step(md, M, cur, at, tables, max_blocks, kcache, vcache, num_blocks, block_size, kv_half,
-                                 logits, threads);
+                                 logits, threads, 0);
         if (err) {
             free(cur);
             return err;

@@ -142,8 +142,8 @@ static void amx_pack(const uint16_t *xb, int64_t M, int64_t K);
 #endif
 
 #ifdef __AVX512BF16__
-/* xp: each row of x as bfloat16, in order (then, for AMX, the same in pairs: amx_pack). */
-static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp) {
+/* xp: each row of x as bfloat16, in order (then, with `amx` on AMX, the same in pairs: amx_pack). */
+static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp, int amx) {
     uint16_t *xb = xp;
     for (int64_t m = 0; m < M; m++) {
         int64_t k = 0;
@@ -157,7 +157,9 @@ static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp) {
         }
     }
 #if GL_AMX
-    if (M >= AMX_MIN_ROWS && amx_ready()) amx_pack(xb, M, K); /* what amx_rows reads */
+    if (amx && M >= AMX_MIN_ROWS && amx_ready()) amx_pack(xb, M, K); /* what amx_rows reads */
+#else
+    (void)amx;
 #endif
 }
 
@@ -208,8 +210,9 @@ static inline void deinterleave(const float *x, float *even, float *odd) {
 }
 
 /* xp: each row of x rounded to bfloat16 (as floats) and de-interleaved. */
-static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp) {
+static void prepare_bf16(const float *x, int64_t M, int64_t K, void *xp, int amx) {
     float *xf = xp;
+    (void)amx;
     for (int64_t m = 0; m < M; m++) {
         int64_t k = 0;
         for (; k + 2 * VW <= K; k += 2 * VW) {
@@ -401,14 +404,24 @@ static int64_t amx_rows(const uint16_t *xb, int64_t M, int64_t K, const uint16_t
     return n;
 }
 
-static void range_bf16x(const void *x, const float *xs, int64_t M, int64_t K, const char *W, int64_t n0,
-                        int64_t n1, int64_t N, const float *scale, const float *bias, float *y) {
-    if (M >= AMX_MIN_ROWS && amx_ready()) n0 = amx_rows(x, M, K, (const uint16_t *)W, n0, n1, N, bias, y);
+#endif
+
+/* bfloat16 weight rows [n0, n1): with `amx` (and prepare_bf16's pairs), whole blocks of 16 on AMX
+ * tiles, whose sums round otherwise than the vector tiles one row takes; the rest on those. */
+static void range_bf16a(const void *x, const float *xs, int64_t M, int64_t K, const char *W, int64_t n0,
+                        int64_t n1, int64_t N, const float *scale, const float *bias, float *y, int amx) {
+#if GL_AMX
+    if (amx && M >= AMX_MIN_ROWS && amx_ready()) n0 = amx_rows(x, M, K, (const uint16_t *)W, n0, n1, N, bias, y);
+#else
+    (void)amx;
+#endif
     range_bf16(x, xs, M, K, W, n0, n1, N, scale, bias, y);
 }
-#else
-#define range_bf16x range_bf16
-#endif
+
+static void range_bf16x(const void *x, const float *xs, int64_t M, int64_t K, const char *W, int64_t n0,
+                        int64_t n1, int64_t N, const float *scale, const float *bias, float *y) {
+    range_bf16a(x, xs, M, K, W, n0, n1, N, scale, bias, y, 1);
+}
 
 /* Rows [n0, n1) of N for thread t of nt: contiguous ranges of whole chunks (every thread streams its
  * own part of W), so chunks start at multiples of `chunk` for any thread count, and so do the tiles and
@@ -485,7 +498,7 @@ DEFINE_ENTRY(f32, 4)
  * (prepare_bf16). */
 void gl_linear_bf16(const float *x, int64_t M, int64_t K, const void *W, int64_t N, const float *scale,
                     const float *bias, float *y, float *xp, int threads) {
-    prepare_bf16(x, M, K, xp);
+    prepare_bf16(x, M, K, xp, 1);
     PARALLEL_OVER_ROWS(bf16x, 2, xp, NULL);
 }
 
@@ -640,4 +653,4 @@ int gl_amx(void) {
 }
 
 /* Lets the loader check the ABI it compiled against. */
-int gl_abi_version(void) { return 7; }
+int gl_abi_version(void) { return 8; }
