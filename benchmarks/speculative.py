@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--workloads", nargs="+", default=["draft", "lookup"], choices=["draft", "lookup"])
     parser.add_argument("--per-prompt-k", type=int, default=4, help="K of the per-prompt table")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of both models")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
@@ -246,13 +247,14 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_for_generation(args.target)
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch 1, greedy, {args.new_tokens} new tokens")
+    target, tokenizer = load_for_generation(args.target, dtype=args.dtype)
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; batch 1, greedy, {args.new_tokens} new tokens, "
+          f"{args.dtype} weights")  # fmt: skip
     rows, per_prompt = [], []
     if "draft" in args.workloads:
         if not args.draft:
             raise SystemExit("the draft workload needs --draft CKPT (or --workloads lookup)")
-        draft, _ = load_for_generation(args.draft, tokenizer=args.target)
+        draft, _ = load_for_generation(args.draft, tokenizer=args.target, dtype=args.dtype)
         prompts = [tokenizer.encode(p) for p in DRAFT_PROMPTS]
         c = step_seconds(draft, prompts[0], 64) / step_seconds(target, prompts[0], 64)
         print(f"draft step / target step: c = {c:.3f}", flush=True)
