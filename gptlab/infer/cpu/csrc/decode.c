@@ -247,8 +247,8 @@ static inline __attribute__((always_inline)) __m256 dots8(const float *q, const 
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-/* scores[s - lo] = q . k_s * scale for the keys s in [s, end) of one block, k_s at k + (s - s0) * tok;
- * *mx: the largest so far. Groups of 8 keys from the block's first one, the rest one at a time. */
+/* scores[s - lo] = q . k_s * scale for the keys s .. end - 1 of one block, the first at k, the next tok
+ * bytes on; *mx: the largest so far. Groups of 8 keys from the first, the rest one at a time. */
 static inline void score_keys(const float *q, const char *k, int64_t tok, int64_t hs, int half, int64_t s,
                               int64_t end, int64_t lo, float scale, float *scores, float *mx) {
     if (hs % 8 == 0)
