@@ -262,6 +262,26 @@ def test_greedy_drafts_on_the_cpu_kernels_run_in_one_call_and_draft_what_steps_w
     assert 0 < results[True][0]["accepted"] < results[True][0]["drafted"]
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="gptlab's CPU kernels did not build here")
+def test_greedy_drafting_falls_back_to_steps_when_the_draft_pool_is_short(monkeypatch):
+    from gptlab.infer.cache import OutOfBlocks
+    from gptlab.infer.prepare import prepare_model
+
+    base = peaked_model()
+    target = prepare_model(copy.deepcopy(base))
+    spec = Speculation(draft=prepare_model(noisy_copy(base, 1.5)), num_tokens=4)
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    want = generate_ids(target, PROMPTS, params)
+
+    def short(self, seqs, steps):
+        raise OutOfBlocks("no free block")
+
+    monkeypatch.setattr(InferenceEngine, "greedy", short)
+    engine = InferenceEngine(target, kv_cache_tokens=1024)
+    assert generate_ids(target, PROMPTS, params, engine=engine, speculative=spec) == want
+    assert engine.speculation.drafted > engine.speculation.steps  # drafts of several tokens, step by step
+
+
 def test_logprobs_stream_and_penalties_match_plain_decoding(byte_tokenizer):
     target = peaked_model(vocab_size=257)
     spec = Speculation(draft=noisy_copy(target, 0.5), num_tokens=4)

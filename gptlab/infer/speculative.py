@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gptlab.infer.cache import BLOCK_SIZE
+from gptlab.infer.cache import BLOCK_SIZE, OutOfBlocks
 from gptlab.infer.cache import Sequence as CacheSequence
 from gptlab.infer.constrain import apply_masks
 from gptlab.infer.engine import InferenceEngine
@@ -335,7 +335,10 @@ class Speculator:
         if not all(r.params.plain_argmax and r.matcher is None for r in rows):
             return False
         assert self.draft_engine is not None
-        got = self.draft_engine.greedy(seqs, max(k - len(d) for d, k in zip(drafts, budget, strict=True)))
+        try:  # rows that may draft fewer compute the longest one's steps too: their pool may be short
+            got = self.draft_engine.greedy(seqs, max(k - len(d) for d, k in zip(drafts, budget, strict=True)))
+        except OutOfBlocks:  # nothing computed yet: the step-by-step loop goes on, within each budget
+            got = None
         if got is None:
             return False
         for draft, most, tokens in zip(drafts, budget, got, strict=True):
