@@ -216,12 +216,12 @@ class InferenceEngine:
         rows = [(s, p) for s in seqs for p in range(s.length, len(s.tokens))]
         tokens = torch.tensor([s.tokens[p] for s, p in rows], dtype=torch.long)
         positions = torch.tensor([p for _, p in rows], dtype=torch.long)
-        tables = self.pool.table(seqs, [s.pending for s in seqs] if len(rows) != len(seqs) else None)
+        verifying = len(rows) != len(seqs)
+        tables = self.pool.table(seqs, [s.pending for s in seqs] if verifying else None)
         # Several positions of one sequence (a speculative step's verification) always run on the fast
         # step, in calls of at most its rows if need be, exactly: there a row's logits have the bits of
         # plain decoding's, which the reference's GEMMs (int8 batches on AVX2 through fbgemm) or AMX
         # tiles (bfloat16 batches) would not keep.
-        verifying = len(rows) != len(seqs)
         if self.fast is not None and (verifying or self.fast.runs(len(rows))):
             return self.fast.decode(self.pool, tokens, positions, tables, verifying)
         return self.reference.decode(self.pool, tokens, positions, tables)

@@ -290,6 +290,12 @@ static float softmax_weights(float *scores, int64_t n, float mx) {
  * rows inside: each row's arithmetic is what it would be alone, so its output has the same bits beside
  * any rows. Every row's key and value are stored first (`store_row`), so the rows see each other's.
  * scores: R * span floats. kc, vc: this layer's caches, float32 or (half) float16. */
+/* The positions [*s, *end) of block j (of bs) that a row attending to [lo, pos] sees; empty if *s >= *end. */
+static inline void block_span(int64_t j, int64_t bs, int64_t lo, int64_t pos, int64_t *s, int64_t *end) {
+    *s = lo > j * bs ? lo : j * bs;
+    *end = (j + 1) * bs < pos + 1 ? (j + 1) * bs : pos + 1;
+}
+
 static void attend_run(const float *qkv, int64_t C, int64_t nh, int64_t hs, int64_t b0, int64_t R, int64_t h,
                        const char *kc, const char *vc, int half, const int64_t *table, int64_t bs, const int64_t *pos,
                        const int64_t *lo, float *scores, int64_t span, float *out) {
@@ -303,7 +309,8 @@ static void attend_run(const float *qkv, int64_t C, int64_t nh, int64_t hs, int6
         const char *k = kc + table[j] * stride + head;
         if (j < last) prefetch_block(kc + table[j + 1] * stride + head, bs * tok);
         for (int64_t r = 0; r < R; r++) {
-            const int64_t s = lo[r] > j * bs ? lo[r] : j * bs, end = (j + 1) * bs < pos[r] + 1 ? (j + 1) * bs : pos[r] + 1;
+            int64_t s, end;
+            block_span(j, bs, lo[r], pos[r], &s, &end);
             if (s < end)
                 score_keys(qkv + (b0 + r) * 3 * C + h * hs, k + (s - j * bs) * tok, tok, hs, half, s, end, lo[r],
                            scale, scores + r * span, mx + r);
@@ -317,11 +324,12 @@ static void attend_run(const float *qkv, int64_t C, int64_t nh, int64_t hs, int6
         const char *v = vc + table[j] * stride + head;
         if (j < last) prefetch_block(vc + table[j + 1] * stride + head, bs * tok);
         for (int64_t r = 0; r < R; r++) {
-            const int64_t s0 = lo[r] > j * bs ? lo[r] : j * bs, end = (j + 1) * bs < pos[r] + 1 ? (j + 1) * bs : pos[r] + 1;
+            int64_t s0, end;
+            block_span(j, bs, lo[r], pos[r], &s0, &end);
+            if (s0 >= end) continue;
             const float *w = scores + r * span;
             float *o = out + (b0 + r) * C + h * hs;
             const char *vs = v + (s0 - j * bs) * tok;
-            if (s0 >= end) continue;
             if (hs % 64 == 0) {
                 for (int64_t c = 0; c < hs; c += 64)
                     weigh_values64(w, sum[r], vs + c * (half ? 2 : 4), tok, s0, end, lo[r], half, o + c);
@@ -337,31 +345,30 @@ static void attend_run(const float *qkv, int64_t C, int64_t nh, int64_t hs, int6
     }
 }
 
+/* Rows from m on that join row m's run: they share its block table and step one position, up to RUN_MAX. */
+static int64_t run_length(int64_t m, int64_t M, const int64_t *pos, const int64_t *tables, int64_t max_blocks,
+                          int64_t bs) {
+    int64_t r = 1;
+    while (m + r < M && r < RUN_MAX && pos[m + r] == pos[m + r - 1] + 1 &&
+           !memcmp(tables + (m + r) * max_blocks, tables + m * max_blocks, sizeof(int64_t) * (pos[m + r] / bs + 1)))
+        r++;
+    return r;
+}
+
 /* Groups of rows that attend together (attend_run), as (first row, rows) pairs; returns how many.
- * Consecutive rows join while they share a block table and step one position, up to RUN_MAX; runs
- * are then split so that there are at least two (group, head) items per thread. */
+ * Runs (run_length) are split into near-equal parts so that there are at least two (group, head)
+ * items per thread. */
 static int64_t group_rows(int64_t M, const int64_t *pos, const int64_t *tables, int64_t max_blocks, int64_t bs,
                           int64_t nh, int threads, int64_t *groups) {
-    int64_t n = 0;
+    int64_t runs = 0, out = 0;
+    for (int64_t m = 0; m < M; runs++) m += run_length(m, M, pos, tables, max_blocks, bs);
+    const int64_t pieces = (2 * threads + runs * nh - 1) / (runs * nh);
     for (int64_t m = 0; m < M;) {
-        int64_t r = 1;
-        while (m + r < M && r < RUN_MAX && pos[m + r] == pos[m + r - 1] + 1 &&
-               !memcmp(tables + (m + r) * max_blocks, tables + m * max_blocks, sizeof(int64_t) * (pos[m + r] / bs + 1)))
-            r++;
-        groups[2 * n] = m, groups[2 * n + 1] = r, n++;
-        m += r;
+        const int64_t rows = run_length(m, M, pos, tables, max_blocks, bs), parts = pieces < rows ? pieces : rows;
+        for (int64_t p = 0; p < parts; p++, out++)
+            groups[2 * out] = m + rows * p / parts, groups[2 * out + 1] = rows * (p + 1) / parts - rows * p / parts;
+        m += rows;
     }
-    const int64_t pieces = (2 * threads + n * nh - 1) / (n * nh);
-    if (pieces <= 1) return n;
-    int64_t out = 0;
-    for (int64_t g = n - 1; g >= 0; g--) { /* from the back: the split ones land at or after their source */
-        const int64_t first = groups[2 * g], rows = groups[2 * g + 1], parts = pieces < rows ? pieces : rows;
-        for (int64_t p = parts - 1; p >= 0; p--) {
-            const int64_t a = first + rows * p / parts, b = first + rows * (p + 1) / parts;
-            groups[2 * (M - 1 - out)] = a, groups[2 * (M - 1 - out) + 1] = b - a, out++;
-        }
-    }
-    memmove(groups, groups + 2 * (M - out), sizeof(int64_t) * 2 * out);
     return out;
 }
 
