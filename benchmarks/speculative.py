@@ -226,6 +226,33 @@ def print_table(rows: list[dict], first: str) -> None:
               f"{r['measured_decoding']:.2f}x |")  # fmt: skip
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Speed-up against K per workload: measured (whole generations and decoding) beside predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
+    for ax, name in zip(axes[0], workloads, strict=True):
+        got = [r for r in rows if r["workload"] == name]
+        ks = [r["k"] for r in got]
+        ax.plot(ks, [r["measured_decoding"] for r in got], "o-", label="measured, decoding")
+        ax.plot(ks, [r["measured"] for r in got], "s--", label="measured, whole generation")
+        ax.plot(ks, [r["predicted"] for r in got], ":", color="gray", label="predicted from acceptance")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        for r in got:
+            ax.annotate(f"a={r['acceptance']:.2f}", (r["k"], r["measured_decoding"]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
+        ax.set(title=name, xlabel="K (tokens drafted per step)", ylabel="speed-up over plain decoding")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, help="target checkpoint (run dir or checkpoint dir)")
@@ -239,6 +266,7 @@ def main() -> None:
     parser.add_argument("--per-prompt-k", type=int, default=4, help="K of the per-prompt table")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of both models")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--png", help="also plot the speed-ups against K here")
     args = parser.parse_args()
 
     from gptlab.infer.prepare import load_for_generation
@@ -272,6 +300,8 @@ def main() -> None:
     print_table([r for r in per_prompt if r["k"] == args.per_prompt_k], "prompt")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "per_prompt": per_prompt}, indent=1))
+    if args.png:
+        plot(rows, args.png, f"batch 1, greedy, {args.dtype}; {cpu_name()}, {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":
